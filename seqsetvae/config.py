@@ -1,0 +1,210 @@
+"""Typed, validated configuration for every stage.
+
+Each stage has one dataclass. Field names are the option names: `max_sets` is
+`--max-sets` on the command line and `max_sets:` in a YAML file given with
+`--config`. Every field documents its unit in the `help` metadata, which the
+command line shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from seqsetvae.errors import UserInputError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """Declare a config field with its command-line help text."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class DataConfig:
+    """How MEDS events become packed set tensors.
+
+    Attributes:
+        max_sets: Sets kept per subject; longer records keep the most recent ones.
+        max_events_per_set: Events kept per set; the rest are dropped and counted.
+        clip_quantile: Values of a code are clipped to the [q, 1 - q] quantiles of
+            its train-split values before normalisation.
+        task: Name of the label directory under the MEDS root.
+    """
+
+    max_sets: int = option(64, "maximum number of sets (time points) kept per subject; older sets are dropped")
+    max_events_per_set: int = option(48, "maximum number of events kept per set; extra events are dropped and counted")
+    clip_quantile: float = option(
+        0.005, "per-code clipping quantile q: values are clipped to the train-split [q, 1-q] quantiles"
+    )
+    task: str = option("in_hospital_mortality", "label task name, a directory under MEDS_DIR/labels or MEDS_DIR/tasks")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "max_sets", "max_events_per_set")
+        if not 0.0 <= self.clip_quantile < 0.5:
+            raise UserInputError(f"clip_quantile: expected a value in [0, 0.5), got {self.clip_quantile}")
+
+
+@dataclass
+class ModelConfig:
+    """Widths and depths of the sequence-of-sets VAE.
+
+    Attributes:
+        d_model: Width D of event embeddings, set blocks and the transformer.
+        latent_dim: Width Z of each set latent; features are 2 * Z wide.
+        n_inducing: Inducing points per induced set attention block.
+        n_heads: Attention heads in set blocks and in the transformer.
+        n_set_layers: Induced set attention blocks in the set encoder.
+        n_seq_layers: Causal transformer layers over the set sequence.
+        dropout: Dropout probability in the transformer.
+        logvar_min: Lower clamp of every log-variance.
+        logvar_max: Upper clamp of every log-variance.
+    """
+
+    d_model: int = option(64, "model width D (embedding and attention size)")
+    latent_dim: int = option(32, "latent width Z per set; finetuning features are 2*Z wide")
+    n_inducing: int = option(16, "number of inducing points per induced set attention block")
+    n_heads: int = option(4, "number of attention heads")
+    n_set_layers: int = option(2, "number of induced set attention blocks in the set encoder")
+    n_seq_layers: int = option(2, "number of causal transformer layers over the sequence of sets")
+    dropout: float = option(0.1, "dropout probability in the transformer")
+    logvar_min: float = option(-10.0, "lower clamp of log-variances")
+    logvar_max: float = option(10.0, "upper clamp of log-variances")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "d_model", "latent_dim", "n_inducing", "n_heads", "n_set_layers", "n_seq_layers")
+        if self.d_model % self.n_heads:
+            raise UserInputError(f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserInputError(f"dropout: expected a value in [0, 1), got {self.dropout}")
+        if self.logvar_min >= self.logvar_max:
+            raise UserInputError(
+                f"logvar_min: expected a value below logvar_max={self.logvar_max}, got {self.logvar_min}"
+            )
+
+
+@dataclass
+class PretrainConfig:
+    """Optimisation and Ray Train settings of pretraining.
+
+    Attributes:
+        beta: Weight of the KL term after warm-up.
+        beta_warmup_steps: Optimiser steps over which beta rises linearly from 0.
+        free_bits: Minimum KL per latent dimension (nats) that is not penalised further.
+    """
+
+    max_epochs: int = option(8, "number of pretraining epochs")
+    batch_size: int = option(32, "subjects per batch on each worker")
+    lr: float = option(1e-3, "AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    beta: float = option(0.5, "KL weight after warm-up")
+    beta_warmup_steps: int = option(500, "optimiser steps of linear KL warm-up from 0 to beta")
+    free_bits: float = option(0.05, "free bits: KL per latent dimension, in nats, below which it is not penalised")
+    num_workers: int = option(1, "Ray Train workers (DDP processes)")
+    cpus_per_worker: int = option(1, "CPU cores reserved for each Ray Train worker")
+    use_gpu: bool = option(False, "train on one GPU per worker with NCCL; without it, CPU with gloo")
+    max_failures: int = option(0, "worker-group restarts Ray Train allows before the run fails")
+    seed: int = option(0, "random seed")
+    precision: str = option("32-true", "Lightning precision, for example 32-true or bf16-mixed")
+    run_name: str = option("pretrain", "Ray Train run name; running again with the same name resumes it")
+    dataloader_workers: int = option(0, "DataLoader worker processes per Ray worker")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "max_epochs", "batch_size", "num_workers", "cpus_per_worker")
+        if self.lr <= 0 or self.beta < 0 or self.free_bits < 0 or self.beta_warmup_steps < 0:
+            raise UserInputError(
+                "lr must be positive and beta, free_bits and beta_warmup_steps non-negative, got "
+                f"lr={self.lr}, beta={self.beta}, free_bits={self.free_bits}, "
+                f"beta_warmup_steps={self.beta_warmup_steps}"
+            )
+
+
+HEAD_INITS = ("normal", "xavier", "zero_logodds")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of the linear head trained on the frozen encoder.
+
+    Attributes:
+        focal_alpha: Weight of the positive class in focal loss; None applies no class weight.
+        head_init: `normal` draws weights from N(0, 0.01); `xavier` uses Xavier-uniform;
+            `zero_logodds` sets weights to 0 and the bias to the log-odds of the train prevalence.
+    """
+
+    focal_gamma: float = option(2.0, "focal loss focusing parameter gamma (0 gives cross-entropy)")
+    focal_alpha: float | None = option(None, "focal loss weight of the positive class in (0, 1); null for none")
+    head_init: str = option("normal", f"head initialisation, one of {', '.join(HEAD_INITS)}")
+    head_lr: float = option(3e-3, "Adam learning rate of the linear head")
+    weight_decay: float = option(0.0, "Adam weight decay of the linear head")
+    max_epochs: int = option(40, "finetuning epochs")
+    batch_size: int = option(256, "labelled samples per batch")
+    seed: int = option(0, "random seed")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "max_epochs", "batch_size")
+        if self.head_init not in HEAD_INITS:
+            raise UserInputError(f"head_init: expected one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
+        if self.focal_alpha is not None and not 0.0 < self.focal_alpha < 1.0:
+            raise UserInputError(f"focal_alpha: expected a value in (0, 1) or null, got {self.focal_alpha}")
+        if self.focal_gamma < 0 or self.head_lr <= 0:
+            raise UserInputError(
+                f"focal_gamma must be >= 0 and head_lr > 0, got focal_gamma={self.focal_gamma}, "
+                f"head_lr={self.head_lr}"
+            )
+
+
+@dataclass
+class TuneConfig:
+    """Settings of the Ray Tune + Optuna sweep over the head."""
+
+    num_samples: int = option(16, "number of Optuna trials")
+    max_concurrent_trials: int = option(2, "trials run at the same time")
+    seed: int = option(0, "seed of the Optuna sampler")
+    cpus_per_trial: float = option(1.0, "CPU cores reserved for each trial")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_samples", "max_concurrent_trials")
+
+
+def _check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0:
+            raise UserInputError(f"{name}: expected a positive value, got {value}")
+
+
+def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """Build `cls` from the keys of `values` that name its fields.
+
+    Raises:
+        UserInputError: a value has the wrong type for its field.
+    """
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            continue
+        kwargs[key] = _coerce(value, names[key], source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, spec: dataclasses.Field, source: str) -> Any:
+    default = spec.default
+    if value is None or default is None:
+        return value
+    expected = type(default)
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserInputError(f"{source}: {spec.name} expected true or false, got {value!r}")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected):
+        raise UserInputError(f"{source}: {spec.name} expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Return the fields of a config as plain types, safe for JSON and weights-only checkpoints."""
+    return dataclasses.asdict(config)

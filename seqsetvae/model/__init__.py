@@ -1,0 +1,1 @@
+"""Set blocks and the sequence-of-sets VAE core."""
