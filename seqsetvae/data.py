@@ -1,0 +1,164 @@
+"""Datasets, the vectorised batch packer and the Lightning data module.
+
+A sample is an integer: a subject position for pretraining, or a label index
+for finetuning. The collate function turns a list of samples into the packed
+tensors described in `seqsetvae.batch` with numpy fancy indexing, with no loop
+over sets or events.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from seqsetvae.batch import PAD_CODE
+from seqsetvae.cache import SplitCache
+
+logger = logging.getLogger(__name__)
+
+
+def ragged_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flatten the ranges [starts[i], starts[i] + counts[i]).
+
+    Returns (row, slot, index): range number, position inside the range, and the value.
+    """
+    total = int(counts.sum())
+    row = np.repeat(np.arange(len(counts)), counts)
+    first_of_row = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    slot = np.arange(total) - first_of_row[row]
+    return row, slot, starts[row] + slot
+
+
+class SetSequenceDataset(Dataset):
+    """Samples of one cached split: whole subjects, or labels cut at their prediction time."""
+
+    def __init__(self, cache: SplitCache, max_sets: int, labelled: bool):
+        self.cache = cache
+        self.max_sets = max_sets
+        self.labelled = labelled
+        if labelled and cache.labels is None:
+            raise ValueError(f"{cache.path}: labelled samples need a task, got none")
+        offsets = np.asarray(cache.subject_offsets)
+        if labelled:
+            pos = cache.labels["subject_pos"]
+            self._set_end = offsets[pos] + cache.labels["n_sets"]
+            self._subject_start = offsets[pos]
+            self._targets = cache.labels["value"].astype(np.float32)
+        else:
+            self._set_end = offsets[1:].copy()
+            self._subject_start = offsets[:-1].copy()
+            self._targets = None
+
+    def __len__(self) -> int:
+        return len(self._set_end)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def sample_lengths(self) -> np.ndarray:
+        """Return the number of sets each sample contributes after the max_sets cut."""
+        return np.minimum(self._set_end - self._subject_start, self.max_sets)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Pack samples into [B, S, N] tensors; S and N are the maxima of this batch."""
+        idx = np.asarray(indices, dtype=np.int64)
+        cache = self.cache
+        set_end = self._set_end[idx]
+        set_start = np.maximum(self._subject_start[idx], set_end - self.max_sets)
+        n_sets = set_end - set_start
+        batch_size, max_sets = len(idx), max(int(n_sets.max(initial=0)), 1)
+
+        set_row, set_slot, set_index = ragged_ranges(set_start, n_sets)
+        set_offsets = cache.set_offsets
+        event_start = np.asarray(set_offsets[set_index])
+        n_events = np.asarray(set_offsets[set_index + 1]) - event_start
+        max_events = max(int(n_events.max(initial=0)), 1)
+        event_set, event_slot, event_index = ragged_ranges(event_start, n_events)
+
+        codes = np.full((batch_size, max_sets, max_events), PAD_CODE, dtype=np.int64)
+        values = np.zeros((batch_size, max_sets, max_events), dtype=np.float32)
+        has_value = np.zeros((batch_size, max_sets, max_events), dtype=bool)
+        event_mask = np.zeros((batch_size, max_sets, max_events), dtype=bool)
+        rows, slots = set_row[event_set], set_slot[event_set]
+        codes[rows, slots, event_slot] = cache.codes[event_index]
+        values[rows, slots, event_slot] = cache.values[event_index]
+        has_value[rows, slots, event_slot] = cache.has_value[event_index]
+        event_mask[rows, slots, event_slot] = True
+
+        set_times = np.zeros((batch_size, max_sets), dtype=np.float32)
+        set_mask = np.zeros((batch_size, max_sets), dtype=bool)
+        set_times[set_row, set_slot] = cache.set_hours[set_index]
+        set_mask[set_row, set_slot] = True
+
+        batch = {
+            "codes": torch.from_numpy(codes),
+            "values": torch.from_numpy(values),
+            "has_value": torch.from_numpy(has_value),
+            "event_mask": torch.from_numpy(event_mask),
+            "set_times": torch.from_numpy(set_times),
+            "set_mask": torch.from_numpy(set_mask),
+            "index": torch.from_numpy(idx),
+        }
+        if self._targets is not None:
+            batch["label"] = torch.from_numpy(self._targets[idx])
+        return batch
+
+
+def make_loader(
+    dataset: SetSequenceDataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0
+) -> DataLoader:
+    """Return a DataLoader that packs with the dataset's vectorised collate."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=dataset.collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=generator,
+    )
+
+
+class SetSequenceDataModule(pl.LightningDataModule):
+    """Train and validation loaders over a tensor cache.
+
+    Pretraining reads whole subjects of the train and tuning splits. Finetuning
+    reads labels of the task, each cut at its prediction time.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        max_sets: int,
+        batch_size: int,
+        task: str | None = None,
+        train_split: str = "train",
+        val_split: str = "tuning",
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.cache_dir = Path(cache_dir)
+        self.max_sets = max_sets
+        self.batch_size = batch_size
+        self.task = task
+        self.train_split = train_split
+        self.val_split = val_split
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def dataset(self, split: str) -> SetSequenceDataset:
+        cache = SplitCache(self.cache_dir, split, task=self.task)
+        return SetSequenceDataset(cache, self.max_sets, labelled=self.task is not None)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.dataset(self.train_split), self.batch_size, True, self.num_workers, self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.dataset(self.val_split), self.batch_size, False, self.num_workers, self.seed)
