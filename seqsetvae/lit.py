@@ -1,0 +1,176 @@
+"""Lightning modules: VAE pretraining, and the linear head on the frozen encoder."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision
+
+from seqsetvae.config import FinetuneConfig, ModelConfig, PretrainConfig
+from seqsetvae.losses import binary_focal_loss
+from seqsetvae.model.core import SeqSetVAE
+
+logger = logging.getLogger(__name__)
+
+
+class PretrainModule(pl.LightningModule):
+    """Pretrains the sequence-of-sets VAE on reconstruction + beta * KL.
+
+    Hyperparameters are plain dicts so that checkpoints load with
+    `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, model_config: dict, pretrain_config: dict, preprocessing: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_config = PretrainConfig(**pretrain_config)
+        self.model = SeqSetVAE(ModelConfig(**model_config), vocab_size=len(preprocessing["codes"]) + 2)
+
+    def beta(self) -> float:
+        """Return the KL weight: linear warm-up from 0 over beta_warmup_steps optimiser steps."""
+        warmup = self.train_config.beta_warmup_steps
+        fraction = 1.0 if warmup == 0 else min(1.0, self.global_step / warmup)
+        return self.train_config.beta * fraction
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        beta = self.beta() if stage == "train" else self.train_config.beta
+        out = self.model(batch, beta=beta, free_bits=self.train_config.free_bits)
+        batch_size = batch["codes"].shape[0]
+        sync = stage != "train"
+        self.log(f"{stage}/loss", out["loss"], batch_size=batch_size, prog_bar=True, sync_dist=sync)
+        self.log(f"{stage}/recon_loss", out["recon"], batch_size=batch_size, sync_dist=sync)
+        self.log(f"{stage}/kl_loss", out["kl_raw"], batch_size=batch_size, sync_dist=sync)
+        self.log(f"{stage}/beta", beta, batch_size=batch_size, sync_dist=sync)
+        active = self.model.active_units(out["post_mu"].detach(), batch["set_mask"])
+        self.log(f"{stage}/active_units", active, batch_size=batch_size, sync_dist=sync)
+        return out["loss"]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.train_config.lr, weight_decay=self.train_config.weight_decay
+        )
+
+
+def init_head(head: nn.Linear, scheme: str, prevalence: float) -> None:
+    """Initialise the linear head.
+
+    `normal`: weights N(0, 0.01) (standard deviation 0.01), bias 0. `xavier`:
+    Xavier-uniform weights, bias 0. `zero_logodds`: weights 0, bias at the
+    log-odds of the training prevalence, so the first predictions equal it.
+    """
+    with torch.no_grad():
+        if scheme == "normal":
+            nn.init.normal_(head.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(head.bias)
+        elif scheme == "xavier":
+            nn.init.xavier_uniform_(head.weight)
+            nn.init.zeros_(head.bias)
+        elif scheme == "zero_logodds":
+            p = min(max(prevalence, 1e-6), 1 - 1e-6)
+            nn.init.zeros_(head.weight)
+            head.bias.fill_(math.log(p / (1 - p)))
+        else:
+            raise ValueError(f"head_init: expected normal, xavier or zero_logodds, got {scheme!r}")
+
+
+class FinetuneModule(pl.LightningModule):
+    """One linear layer with focal loss on `[mu, std]` features of a frozen encoder.
+
+    With an encoder, batches are packed set tensors and features are computed
+    in eval mode without gradients; the decoder is never called. Without one,
+    batches carry precomputed `features`, which is how sweep trials share one
+    encoding pass.
+    """
+
+    def __init__(
+        self,
+        model_config: dict,
+        finetune_config: dict,
+        preprocessing: dict,
+        prevalence: float,
+        with_encoder: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = FinetuneConfig(**finetune_config)
+        model_cfg = ModelConfig(**model_config)
+        self.encoder: SeqSetVAE | None = None
+        if with_encoder:
+            self.encoder = SeqSetVAE(model_cfg, vocab_size=len(preprocessing["codes"]) + 2)
+            self.freeze_encoder()
+        self.head = nn.Linear(2 * model_cfg.latent_dim, 1)
+        init_head(self.head, self.config.head_init, prevalence)
+        self.val_auroc = BinaryAUROC()
+        self.val_auprc = BinaryAveragePrecision()
+        self.val_accuracy = BinaryAccuracy()
+
+    def freeze_encoder(self) -> None:
+        assert self.encoder is not None
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "FinetuneModule":
+        # Lightning calls train() on the whole module at every epoch start;
+        # the encoder must stay in eval mode so its features are deterministic.
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return `[mu, std]` features [B, 2Z]."""
+        if "features" in batch:
+            return batch["features"]
+        if self.encoder is None:
+            raise ValueError("batch has no 'features' and this module has no encoder")
+        with torch.no_grad():
+            return self.encoder.features(batch)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return logits [B]."""
+        return self.head(self.features(batch)).squeeze(-1)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        features = self.features(batch)
+        logits = self.head(features).squeeze(-1)
+        loss = binary_focal_loss(logits, batch["label"], self.config.focal_gamma, self.config.focal_alpha)
+        half = features.shape[-1] // 2
+        batch_size = features.shape[0]
+        self.log("train/focal_loss", loss, batch_size=batch_size)
+        self.log("train/loss", loss, batch_size=batch_size, prog_bar=True)
+        self.log("train/mu_norm", features[:, :half].norm(dim=-1).mean(), batch_size=batch_size)
+        self.log("train/std_mean", features[:, half:].mean(), batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probabilities = torch.sigmoid(self(batch))
+        target = batch["label"].long()
+        # Metric objects accumulate the whole split and sync across ranks in compute().
+        self.val_auroc.update(probabilities, target)
+        self.val_auprc.update(probabilities, target)
+        self.val_accuracy.update(probabilities, target)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/auroc", self.val_auroc.compute(), prog_bar=True)
+        self.log("val/auprc", self.val_auprc.compute(), prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy.compute())
+        self.val_auroc.reset()
+        self.val_auprc.reset()
+        self.val_accuracy.reset()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.head.parameters(), lr=self.config.head_lr, weight_decay=self.config.weight_decay)
+
+    def head_state(self) -> dict[str, Any]:
+        return {key: value.detach().cpu() for key, value in self.head.state_dict().items()}

@@ -1,0 +1,203 @@
+"""Distributed pretraining with Ray Train's TorchTrainer and Lightning DDP."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from seqsetvae.cache import ensure_cache, fit_preprocessor
+from seqsetvae.checkpoint import load_weights_only, strip_wrapper_prefixes
+from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
+from seqsetvae.data import SetSequenceDataModule
+from seqsetvae.lit import PretrainModule
+from seqsetvae.ray_utils import ddp_backend, init_ray, lightning_accelerator
+from seqsetvae.storage import resolve_storage
+
+logger = logging.getLogger(__name__)
+
+PRETRAINED_FILE = "pretrained.pt"
+
+
+class EpochProgress(pl.Callback):
+    """Logs one line per epoch on rank zero: epoch, losses and wall time."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"{key}={metrics[key].item():.4f}" for key in ("train/loss", "val/loss", "val/active_units") if key in metrics]
+        logger.info(
+            "Pretraining epoch %d/%d done: %s (%.0f s)",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            ", ".join(parts),
+            time.monotonic() - self._start,
+        )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: one Lightning DDP process."""
+    logging.basicConfig(level=logging.INFO if ray.train.get_context().get_world_rank() == 0 else logging.WARNING)
+    train_config = PretrainConfig(**loop_config["pretrain_config"])
+    data_config = DataConfig(**loop_config["data_config"])
+    pl.seed_everything(train_config.seed, workers=True, verbose=False)
+
+    module = PretrainModule(loop_config["model_config"], loop_config["pretrain_config"], loop_config["preprocessing"])
+    datamodule = SetSequenceDataModule(
+        loop_config["cache_dir"],
+        max_sets=data_config.max_sets,
+        batch_size=train_config.batch_size,
+        num_workers=train_config.dataloader_workers,
+        seed=train_config.seed,
+    )
+    trainer = pl.Trainer(
+        max_epochs=train_config.max_epochs,
+        accelerator=lightning_accelerator(train_config.use_gpu),
+        devices="auto",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        callbacks=[RayTrainReportCallback(), EpochProgress()],
+        precision=train_config.precision,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        logger=False,
+        gradient_clip_val=1.0,
+    )
+    trainer = prepare_trainer(trainer)
+
+    # A restarted worker group, or a run started again with the same name,
+    # continues from the latest reported checkpoint.
+    checkpoint = ray.train.get_checkpoint()
+    ckpt_path = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            ckpt_path = str(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME)
+            logger.info("Resuming pretraining from the latest checkpoint")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            return
+    trainer.fit(module, datamodule=datamodule)
+
+
+@dataclass
+class PretrainResult:
+    pretrained_path: str
+    best_checkpoint: str
+    best_val_loss: float
+    epochs: int
+    cache_dir: str
+    wall_seconds: float
+
+
+def run_pretraining(
+    meds_root: str | Path,
+    out_dir: str | Path,
+    data_config: DataConfig,
+    model_config: ModelConfig,
+    train_config: PretrainConfig,
+    cache_dir: str | Path | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+) -> PretrainResult:
+    """Fit preprocessing on the train split, build the cache, pretrain with Ray Train, export the best weights.
+
+    Writes `<out_dir>/pretrained.pt` (weights and hyperparameters, loadable with
+    `weights_only=True`) and keeps Ray Train's checkpoints under the storage path.
+    """
+    start = time.monotonic()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir).resolve() if cache_dir else out / "cache"
+
+    logger.info("Fitting preprocessing on the train split")
+    preprocessor = fit_preprocessor(meds_root, data_config)
+    ensure_cache(meds_root, cache, data_config, preprocessor)
+
+    init_ray(address)
+    loop_config = {
+        "cache_dir": str(cache),
+        "data_config": asdict(data_config),
+        "model_config": asdict(model_config),
+        "pretrain_config": asdict(train_config),
+        "preprocessing": preprocessor.to_dict(),
+    }
+    storage_path = resolve_storage(storage, out / "ray_results")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=ddp_backend(train_config.use_gpu)),
+        scaling_config=ScalingConfig(
+            num_workers=train_config.num_workers,
+            use_gpu=train_config.use_gpu,
+            resources_per_worker={"CPU": train_config.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=train_config.run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val/loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=train_config.max_failures),
+        ),
+    )
+    logger.info(
+        "Pretraining on %d Ray Train worker(s), %s, for %d epochs",
+        train_config.num_workers,
+        "GPU" if train_config.use_gpu else "CPU",
+        train_config.max_epochs,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = result.get_best_checkpoint(metric="val/loss", mode="min") or result.checkpoint
+    if best is None:
+        raise RuntimeError("pretraining finished without a checkpoint; check the Ray Train logs above")
+
+    best_metrics = _metrics_of(result, best)
+    pretrained_path = out / PRETRAINED_FILE
+    with best.as_directory() as directory:
+        export_pretrained(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME, pretrained_path)
+    if result.metrics_dataframe is not None:
+        result.metrics_dataframe.to_csv(out / "pretrain_metrics.csv", index=False)
+    return PretrainResult(
+        pretrained_path=str(pretrained_path),
+        best_checkpoint=str(best.path),
+        best_val_loss=float(best_metrics.get("val/loss", float("nan"))),
+        epochs=int(best_metrics.get("epoch", -1)) + 1,
+        cache_dir=str(cache),
+        wall_seconds=time.monotonic() - start,
+    )
+
+
+def _metrics_of(result, checkpoint) -> dict:
+    for candidate, metrics in result.best_checkpoints:
+        if candidate.path == checkpoint.path:
+            return metrics
+    return result.metrics or {}
+
+
+def export_pretrained(lightning_ckpt: str | Path, destination: str | Path) -> None:
+    """Write the model weights and hyperparameters of a pretraining checkpoint as a weights-only file.
+
+    The file is written to a temporary name and renamed, so a crash leaves any
+    previous file in place.
+    """
+    content = load_weights_only(lightning_ckpt)
+    state = {strip_wrapper_prefixes(key): value for key, value in content["state_dict"].items()}
+    payload = {"state_dict": state, "hyper_parameters": dict(content["hyper_parameters"])}
+    destination = Path(destination)
+    temporary = destination.with_name(destination.name + ".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(destination)

@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna sweep over the linear head on the frozen encoder."""

@@ -1,0 +1,219 @@
+"""Sweep the head on the frozen encoder with Ray Tune and a seeded Optuna search.
+
+The encoder is frozen and in eval mode, so its `[mu, std]` features are the
+same for every trial. They are computed once per split, put in Ray's object
+store with `tune.with_parameters`, and every trial trains only the linear head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from seqsetvae.cache import SplitCache, ensure_cache
+from seqsetvae.config import DataConfig, FinetuneConfig, TuneConfig
+from seqsetvae.encoder import compute_features, load_features, load_pretrained_encoder, save_features
+from seqsetvae.errors import UserInputError
+from seqsetvae.head import save_head, train_head
+from seqsetvae.ray_utils import init_ray
+from seqsetvae.storage import resolve_storage
+from tune.search_space import default_point, search_space
+
+logger = logging.getLogger(__name__)
+
+METRIC = "val/auprc"
+EXPERIMENT_NAME = "sweep"
+PARAMS_FILE = "params.json"
+SWEEP_INFO_FILE = "sweep.json"
+
+
+class ReportToTune(pl.Callback):
+    """Reports validation metrics to Tune after every epoch, with a head checkpoint when val/auprc improves."""
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = params
+        self.best = -np.inf
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        metrics["epoch"] = trainer.current_epoch
+        score = metrics.get(METRIC, float("nan"))
+        if not np.isfinite(score) or score <= self.best:
+            tune.report(metrics)
+            return
+        self.best = score
+        with tempfile.TemporaryDirectory() as directory:
+            save_head(pl_module, directory)
+            Path(directory, PARAMS_FILE).write_text(json.dumps({"params": self.params, "metrics": metrics}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def head_trial(
+    config: dict[str, Any],
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    base_config: dict[str, Any],
+    model_config: dict,
+    preprocessing: dict,
+) -> None:
+    """One Tune trial: train the head with the sampled settings on the shared features."""
+    finetune_config = FinetuneConfig(**{**base_config, **config})
+    train_head(train, val, finetune_config, model_config, preprocessing, callbacks=[ReportToTune(config)])
+
+
+@dataclass
+class SweepResult:
+    best_params: dict[str, Any]
+    val_auprc: float
+    val_auroc: float
+    best_dir: str
+    n_trials: int
+    wall_seconds: float
+
+
+def encode_splits(
+    pretrained_ckpt: str | Path,
+    meds_root: str | Path,
+    cache_dir: Path,
+    feature_dir: Path,
+    data_config: DataConfig,
+    splits: tuple[str, ...],
+) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
+    """Encode the labels of `splits` once with the frozen encoder, reusing features already written."""
+    encoder = load_pretrained_encoder(pretrained_ckpt)
+    ensure_cache(meds_root, cache_dir, data_config, encoder.preprocessor)
+    features = {}
+    for split in splits:
+        path = feature_dir / f"{split}.npz"
+        if path.is_file():
+            features[split] = load_features(path)
+            continue
+        cache = SplitCache(cache_dir, split, task=data_config.task)
+        features[split] = compute_features(encoder.model, cache, data_config.max_sets)
+        save_features(features[split], path)
+    return encoder, features
+
+
+def run_sweep(
+    meds_root: str | Path,
+    pretrained_ckpt: str | Path,
+    out_dir: str | Path,
+    data_config: DataConfig,
+    finetune_config: FinetuneConfig,
+    tune_config: TuneConfig,
+    cache_dir: str | Path | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> SweepResult:
+    """Run (or resume) the sweep and copy the best head checkpoint to `<out_dir>/best/`."""
+    start = time.monotonic()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage_path = resolve_storage(storage, out / "ray_results")
+    experiment_path = f"{storage_path.rstrip('/')}/{EXPERIMENT_NAME}"
+    if resume and not tune.Tuner.can_restore(experiment_path):
+        raise UserInputError(f"{experiment_path}: no sweep to resume; run `seqsetvae tune` without --resume first")
+
+    cache = Path(cache_dir).resolve() if cache_dir else out / "cache"
+    encoder, features = encode_splits(
+        pretrained_ckpt, meds_root, cache, out / "features", data_config, ("train", "tuning")
+    )
+    init_ray(address)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            head_trial,
+            train=features["train"],
+            val=features["tuning"],
+            base_config=asdict(finetune_config),
+            model_config=encoder.model_config,
+            preprocessing=encoder.preprocessing,
+        ),
+        {"cpu": tune_config.cpus_per_trial},
+    )
+    if resume:
+        logger.info("Resuming sweep from %s", experiment_path)
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = _new_tuner(trainable, finetune_config, tune_config, storage_path)
+    logger.info("Sweeping %d trials, %d at a time", tune_config.num_samples, tune_config.max_concurrent_trials)
+    results = tuner.fit()
+
+    best = results.get_best_result(metric=METRIC, mode="max", scope="all")
+    checkpoint = best.get_best_checkpoint(metric=METRIC, mode="max")
+    if checkpoint is None:
+        raise RuntimeError(f"no trial reported a finite {METRIC}; check the tuning split's labels")
+    best_dir = out / "best"
+    with checkpoint.as_directory() as directory:
+        _replace_tree(Path(directory), best_dir)
+    saved = json.loads((best_dir / PARAMS_FILE).read_text())
+    _write_trial_table(results, out / "trials.csv")
+    summary = SweepResult(
+        best_params={**asdict(finetune_config), **saved["params"]},
+        val_auprc=float(saved["metrics"][METRIC]),
+        val_auroc=float(saved["metrics"].get("val/auroc", float("nan"))),
+        best_dir=str(best_dir),
+        n_trials=len(results),
+        wall_seconds=time.monotonic() - start,
+    )
+    (out / SWEEP_INFO_FILE).write_text(
+        json.dumps({**asdict(summary), "pretrained_ckpt": str(Path(pretrained_ckpt).resolve())}, indent=2)
+    )
+    return summary
+
+
+def _new_tuner(trainable, finetune_config: FinetuneConfig, tune_config: TuneConfig, storage_path: str) -> tune.Tuner:
+    searcher = OptunaSearch(seed=tune_config.seed, points_to_evaluate=[default_point(asdict(finetune_config))])
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=searcher,
+            num_samples=tune_config.num_samples,
+            max_concurrent_trials=tune_config.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT_NAME,
+            storage_path=storage_path,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
+            ),
+            verbose=0,
+        ),
+    )
+
+
+def _replace_tree(source: Path, target: Path) -> None:
+    staging = target.with_name(target.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(source, staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.replace(target)
+
+
+def _write_trial_table(results, path: Path) -> None:
+    rows = []
+    for result in results:
+        row = {f"config/{k}": v for k, v in (result.config or {}).items()}
+        history = result.metrics_dataframe
+        best = float(history[METRIC].max()) if history is not None and METRIC in history else float("nan")
+        row.update({"best_val_auprc": best, "epochs": len(history) if history is not None else 0})
+        row["status"] = "ERROR" if result.error else "TERMINATED"
+        rows.append(row)
+    pd.DataFrame(rows).sort_values("best_val_auprc", ascending=False).to_csv(path, index=False)
