@@ -81,14 +81,14 @@ def _source_signature(meds_root: Path, split: str) -> list[list]:
     return [[str(p.relative_to(meds_root)), p.stat().st_size, int(p.stat().st_mtime)] for p in files]
 
 
-def cache_signature(meds_root: Path, data_config: DataConfig, preprocessor: Preprocessor, splits) -> dict:
-    """Return what the cache depends on; a cache whose stored signature differs is rebuilt."""
+def split_signature(meds_root: Path, split: str, data_config: DataConfig, preprocessor: Preprocessor) -> dict:
+    """Return what one cached split depends on; a split whose stored signature differs is rebuilt."""
     splits_file = meds_root / "metadata" / "subject_splits.parquet"
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "data_config": asdict(data_config),
         "preprocessor": preprocessor.fingerprint(),
-        "sources": {split: _source_signature(meds_root, split) for split in splits},
+        "sources": _source_signature(meds_root, split),
         "subject_splits": [splits_file.stat().st_size, int(splits_file.stat().st_mtime)],
     }
 
@@ -112,30 +112,33 @@ def ensure_cache(
     preprocessor: Preprocessor,
     splits: tuple[str, ...] = meds_io.SPLITS,
 ) -> dict[str, SplitReport]:
-    """Build the cache of `splits` unless an identical one exists; return the per-split reports."""
+    """Build each split of `splits` unless an identical cached one exists; return the per-split reports.
+
+    Splits with no subjects in the subject splits are skipped. Each split is
+    built in a staging directory and renamed into place, so an interrupted
+    build leaves the previous cache intact.
+    """
     root = meds_io.check_meds_root(meds_root)
     cache = Path(cache_dir)
-    present = [s for s in splits if _split_has_events_or_subjects(root, s)]
-    signature = cache_signature(root, data_config, preprocessor, present)
-    signature_path = cache / "signature.json"
-    if signature_path.is_file() and json.loads(signature_path.read_text()) == signature:
-        logger.info("Reusing tensor cache at %s", cache)
-        return {s: SplitReport(**json.loads((cache / s / "report.json").read_text())) for s in present}
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".cache-staging-", dir=cache.parent))
-    try:
-        reports = {}
-        for split in present:
+    cache.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for split in [s for s in splits if _split_has_events_or_subjects(root, s)]:
+        signature = split_signature(root, split, data_config, preprocessor)
+        signature_path = cache / split / "signature.json"
+        if signature_path.is_file() and json.loads(signature_path.read_text()) == signature:
+            logger.info("Reusing cached split '%s' at %s", split, cache)
+            reports[split] = SplitReport(**json.loads((cache / split / "report.json").read_text()))
+            continue
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{split}-", dir=cache))
+        try:
             logger.info("Tensorising split '%s'", split)
             reports[split] = _build_split(root, split, staging / split, data_config, preprocessor)
+            (staging / split / "signature.json").write_text(json.dumps(signature))
             _log_report(split, reports[split])
-        (staging / "preprocessor.json").write_text(json.dumps(preprocessor.to_dict()))
-        (staging / "signature.json").write_text(json.dumps(signature))
-        _replace_dir(staging, cache)
-    finally:
-        if staging.exists():
+            _replace_dir(staging / split, cache / split)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
+    (cache / "preprocessor.json").write_text(json.dumps(preprocessor.to_dict()))
     return reports
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision
 
+from seqsetvae.checkpoint import map_encoder_state
 from seqsetvae.config import FinetuneConfig, ModelConfig, PretrainConfig
 from seqsetvae.losses import binary_focal_loss
 from seqsetvae.model.core import SeqSetVAE
@@ -114,6 +115,18 @@ class FinetuneModule(pl.LightningModule):
         self.val_auroc = BinaryAUROC()
         self.val_auprc = BinaryAveragePrecision()
         self.val_accuracy = BinaryAccuracy()
+
+    def load_encoder_state(self, state: dict[str, torch.Tensor], origin: str) -> None:
+        """Load pretrained encoder weights through the explicit key mapping, then freeze again.
+
+        Raises:
+            UserInputError: an encoder key is missing or has the wrong shape.
+        """
+        assert self.encoder is not None
+        mapped = map_encoder_state(state, self.encoder.state_dict(), SeqSetVAE.encoder_state_prefixes, origin)
+        # Decoder keys are deliberately absent; map_encoder_state raised if any encoder key was.
+        self.encoder.load_state_dict(mapped, strict=False)
+        self.freeze_encoder()
 
     def freeze_encoder(self) -> None:
         assert self.encoder is not None

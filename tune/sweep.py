@@ -7,6 +7,7 @@ store with `tune.with_parameters`, and every trial trains only the linear head.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -94,9 +95,16 @@ def encode_splits(
     """Encode the labels of `splits` once with the frozen encoder, reusing features already written."""
     encoder = load_pretrained_encoder(pretrained_ckpt)
     ensure_cache(meds_root, cache_dir, data_config, encoder.preprocessor)
+    # Features depend on the weights and on the cached inputs, so both name the file.
+    ckpt_stat = Path(pretrained_ckpt).stat()
     features = {}
     for split in splits:
-        path = feature_dir / f"{split}.npz"
+        signature = json.dumps(
+            [str(Path(pretrained_ckpt).resolve()), ckpt_stat.st_size, ckpt_stat.st_mtime_ns,
+             json.loads((cache_dir / split / "signature.json").read_text())],
+            sort_keys=True,
+        )
+        path = feature_dir / f"{split}-{hashlib.sha256(signature.encode()).hexdigest()[:12]}.npz"
         if path.is_file():
             features[split] = load_features(path)
             continue
