@@ -160,7 +160,7 @@ class TuneConfig:
 
     num_samples: int = option(16, "number of Optuna trials")
     max_concurrent_trials: int = option(2, "trials run at the same time")
-    seed: int = option(0, "seed of the Optuna sampler")
+    search_seed: int = option(0, "seed of the Optuna sampler")
     cpus_per_trial: float = option(1.0, "CPU cores reserved for each trial")
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from seqsetvae.checkpoint import load_weights_only, strip_wrapper_prefixes
 from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataModule
 from seqsetvae.lit import PretrainModule
+from seqsetvae.preprocess import Preprocessor
 from seqsetvae.ray_utils import ddp_backend, init_ray, lightning_accelerator
 from seqsetvae.storage import resolve_storage
 
@@ -110,6 +111,7 @@ def run_pretraining(
     cache_dir: str | Path | None = None,
     storage: str | None = None,
     address: str | None = None,
+    preprocessor: Preprocessor | None = None,
 ) -> PretrainResult:
     """Fit preprocessing on the train split, build the cache, pretrain with Ray Train, export the best weights.
 
@@ -121,8 +123,9 @@ def run_pretraining(
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir).resolve() if cache_dir else out / "cache"
 
-    logger.info("Fitting preprocessing on the train split")
-    preprocessor = fit_preprocessor(meds_root, data_config)
+    if preprocessor is None:
+        logger.info("Fitting preprocessing on the train split")
+        preprocessor = fit_preprocessor(meds_root, data_config)
     ensure_cache(meds_root, cache, data_config, preprocessor)
 
     init_ray(address)

@@ -183,7 +183,7 @@ def run_sweep(
 
 
 def _new_tuner(trainable, finetune_config: FinetuneConfig, tune_config: TuneConfig, storage_path: str) -> tune.Tuner:
-    searcher = OptunaSearch(seed=tune_config.seed, points_to_evaluate=[default_point(asdict(finetune_config))])
+    searcher = OptunaSearch(seed=tune_config.search_seed, points_to_evaluate=[default_point(asdict(finetune_config))])
     return tune.Tuner(
         trainable,
         param_space=search_space(),
