@@ -124,7 +124,10 @@ def cmd_prepare(values: dict[str, Any]) -> int:
 
     _require(values, "raw", "out")
     report = convert_physionet2012(
-        values["raw"], values["out"], split_seed=values.get("split_seed", 0), all_to_split=values.get("all_to_split")
+        values["raw"],
+        values["out"],
+        split_seed=values["split_seed"] if values.get("split_seed") is not None else 0,
+        all_to_split=values.get("all_to_split"),
     )
     for line in report.summary_lines():
         print(line)

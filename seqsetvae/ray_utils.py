@@ -34,7 +34,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     logger.info("Starting a local Ray instance on %s", LOCAL_HOST)
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        # The dashboard serves Ray's state API, which Ray Train uses to watch its controller.
+        include_dashboard=True,
+        dashboard_host=LOCAL_HOST,
         _node_ip_address=LOCAL_HOST,
         logging_level=logging.WARNING,
         configure_logging=True,
