@@ -1,0 +1,148 @@
+"""Loss functions of pretraining (set reconstruction, KL with free bits) and finetuning (focal loss).
+
+Dimension legend: B subjects, S sets per subject, N events per set, Z latent
+width, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from seqsetvae.batch import PAD_CODE
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def binary_focal_loss(
+    logits: Tensor, targets: Tensor, gamma: float, alpha: float | None = None, reduction: str = "mean"
+) -> Tensor:
+    """Compute the binary focal loss of Lin et al. (2017) from logits.
+
+    With p = sigmoid(logit) and target y, p_t = p * y + (1 - p) * (1 - y) and
+
+        loss = -alpha_t * (1 - p_t) ** gamma * log(p_t),
+
+    where alpha_t = alpha * y + (1 - alpha) * (1 - y), or 1 when alpha is None.
+    -log(p_t) is computed as binary cross-entropy with logits, which uses
+    log-sigmoid and does not overflow. gamma = 0 with alpha = None is plain
+    binary cross-entropy.
+
+    Args:
+        logits: Logits of the positive class, any shape.
+        targets: Targets in [0, 1], same shape as `logits`.
+        gamma: Focusing parameter, >= 0.
+        alpha: Weight of the positive class in (0, 1), or None for no class weight.
+        reduction: "mean" averages over all elements, "sum" sums them, and
+            "none" returns the elementwise loss.
+
+    Raises:
+        ValueError: shapes differ, gamma < 0, alpha outside (0, 1) or an unknown reduction.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"expected targets of the logits shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
+    if gamma < 0:
+        raise ValueError(f"expected gamma >= 0, got {gamma}")
+    if alpha is not None and not 0.0 < alpha < 1.0:
+        raise ValueError(f"expected alpha in (0, 1) or None, got {alpha}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"expected reduction in {REDUCTIONS}, got {reduction!r}")
+
+    targets = targets.to(logits.dtype)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p = torch.sigmoid(logits)
+    one_minus_p_t = p * (1 - targets) + (1 - p) * targets
+    loss = one_minus_p_t.pow(gamma) * cross_entropy
+    if alpha is not None:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def gaussian_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """Return KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) elementwise, in nats, for diagonal Gaussians."""
+    variance_ratio = torch.exp(logvar_q - logvar_p)
+    mean_term = (mu_q - mu_p).pow(2) * torch.exp(-logvar_p)
+    return 0.5 * (variance_ratio + mean_term - 1.0 - (logvar_q - logvar_p))
+
+
+def mean_over_sets(per_set: Tensor, set_mask: Tensor) -> Tensor:
+    """Average `per_set` [B, S, ...] over the valid sets of `set_mask` [B, S] to [...].
+
+    The result is 0 when there is no valid set.
+    """
+    weights = set_mask.to(per_set.dtype).view(*set_mask.shape, *([1] * (per_set.dim() - 2)))  # [B, S, 1...]
+    total = (per_set * weights).sum(dim=(0, 1))
+    return total / set_mask.sum().clamp(min=1)
+
+
+def free_bits_kl(kl: Tensor, set_mask: Tensor, free_bits: float) -> tuple[Tensor, Tensor]:
+    """Apply free bits (Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow").
+
+    For each latent dimension z, kl_z is the KL [B, S, Z] averaged over the valid
+    sets of the batch. The penalised KL is sum_z max(kl_z, free_bits), so a
+    dimension whose batch-mean KL is below `free_bits` nats gets no gradient
+    pushing it further down.
+
+    Returns:
+        (penalised KL, raw KL sum_z kl_z), both scalars in nats per set.
+    """
+    kl_per_dim = mean_over_sets(kl, set_mask)  # [Z]
+    return kl_per_dim.clamp(min=free_bits).sum(), kl_per_dim.sum()
+
+
+def set_targets(codes: Tensor, values: Tensor, has_value: Tensor, event_mask: Tensor, vocab_size: int) -> dict:
+    """Turn the events of each set into order-free targets over the vocabulary.
+
+    Returns a dict of three [B, S, V] tensors. `presence` is 1.0 where the code
+    occurs in the set. `value` is the mean of the code's values in the set, 0
+    where it has none. `has_value` is True where the code occurs with at least
+    one value. Padded events add nothing, whatever their code.
+    """
+    shape = (*codes.shape[:2], vocab_size)
+    codes = codes.masked_fill(~event_mask, PAD_CODE)
+    valued = (has_value & event_mask).to(values.dtype)  # [B, S, N]
+
+    event_count = values.new_zeros(shape).scatter_add_(-1, codes, event_mask.to(values.dtype))  # [B, S, V]
+    value_count = values.new_zeros(shape).scatter_add_(-1, codes, valued)  # [B, S, V]
+    value_sum = values.new_zeros(shape).scatter_add_(-1, codes, values * valued)  # [B, S, V]
+    return {
+        "presence": (event_count > 0).to(values.dtype),
+        "value": value_sum / value_count.clamp(min=1),
+        "has_value": value_count > 0,
+    }
+
+
+def reconstruction_losses(
+    presence_logits: Tensor, value_pred: Tensor, targets: dict, set_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Return the (presence, value) reconstruction losses of the sets, each a scalar in nats per set.
+
+    Presence: binary cross-entropy of each code's presence in the set, summed over
+    the vocabulary except PAD, then averaged over valid sets. Value: 0.5 *
+    squared error between the predicted and the target (mean) value, summed over
+    the codes present with a value, then averaged over valid sets. 0.5 * squared
+    error is the negative log-likelihood of a unit-variance Gaussian up to a
+    constant, which matches values normalised to unit variance per code, so both
+    parts are log-likelihoods and enter the loss with weight 1.
+
+    Args:
+        presence_logits: [B, S, V] logits of each code being in the set.
+        value_pred: [B, S, V] predicted normalised value of each code.
+        targets: The output of `set_targets`.
+        set_mask: [B, S] valid sets.
+    """
+    vocab_size = presence_logits.shape[-1]
+    code_columns = torch.arange(vocab_size, device=presence_logits.device) != PAD_CODE  # [V]
+
+    bce = F.binary_cross_entropy_with_logits(presence_logits, targets["presence"], reduction="none")  # [B, S, V]
+    presence_per_set = (bce * code_columns).sum(-1)  # [B, S]
+
+    squared_error = 0.5 * (value_pred - targets["value"]).pow(2)  # [B, S, V]
+    value_per_set = (squared_error * targets["has_value"]).sum(-1)  # [B, S]
+    return mean_over_sets(presence_per_set, set_mask), mean_over_sets(value_per_set, set_mask)

@@ -1,0 +1,175 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqsetvae.batch import PAD_CODE
+from seqsetvae.losses import (
+    binary_focal_loss,
+    free_bits_kl,
+    gaussian_kl,
+    mean_over_sets,
+    reconstruction_losses,
+    set_targets,
+)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_focal_loss_positive_by_hand():
+    p = sigmoid(0.5)
+    expected = -((1 - p) ** 2) * math.log(p)
+    loss = binary_focal_loss(torch.tensor([0.5]), torch.tensor([1.0]), gamma=2.0, alpha=None)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_loss_negative_with_alpha_by_hand():
+    p = sigmoid(-1.0)
+    expected = -(1 - 0.25) * p**2 * math.log(1 - p)
+    loss = binary_focal_loss(torch.tensor([-1.0]), torch.tensor([0.0]), gamma=2.0, alpha=0.25)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_loss_positive_with_alpha_by_hand():
+    p = sigmoid(2.0)
+    expected = -0.25 * (1 - p) ** 0.5 * math.log(p)
+    loss = binary_focal_loss(torch.tensor([2.0]), torch.tensor([1.0]), gamma=0.5, alpha=0.25)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_loss_gamma_zero_is_bce():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, generator=generator) * 4
+    targets = (torch.rand(64, generator=generator) < 0.3).float()
+    expected = F.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.allclose(binary_focal_loss(logits, targets, gamma=0.0, alpha=None), expected, atol=1e-7)
+
+
+def test_focal_loss_extreme_logits_finite():
+    loss = binary_focal_loss(torch.tensor([-200.0, 200.0]), torch.tensor([1.0, 0.0]), gamma=2.0, reduction="none")
+    assert torch.allclose(loss, torch.tensor([200.0, 200.0]))
+
+
+def test_focal_loss_reductions():
+    logits = torch.tensor([0.3, -1.2, 2.0])
+    targets = torch.tensor([1.0, 0.0, 0.0])
+    per_element = binary_focal_loss(logits, targets, gamma=1.5, reduction="none")
+    assert per_element.shape == (3,)
+    assert binary_focal_loss(logits, targets, gamma=1.5, reduction="sum").item() == pytest.approx(
+        per_element.sum().item()
+    )
+    assert binary_focal_loss(logits, targets, gamma=1.5, reduction="mean").item() == pytest.approx(
+        per_element.mean().item()
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reduction": "max"}, "expected reduction"),
+        ({"gamma": -1.0}, "expected gamma >= 0"),
+        ({"alpha": 1.5}, "expected alpha in (0, 1)"),
+    ],
+)
+def test_focal_loss_rejects_invalid_arguments(kwargs, message):
+    arguments = {"gamma": 2.0, "alpha": None, "reduction": "mean", **kwargs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        binary_focal_loss(torch.zeros(2), torch.zeros(2), **arguments)
+
+
+def test_focal_loss_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="expected targets of the logits shape"):
+        binary_focal_loss(torch.zeros(2), torch.zeros(3), gamma=2.0)
+
+
+def test_gaussian_kl_identical_is_zero():
+    mu = torch.tensor([0.3, -2.0, 5.0])
+    logvar = torch.tensor([-1.0, 0.0, 2.0])
+    assert torch.allclose(gaussian_kl(mu, logvar, mu, logvar), torch.zeros(3))
+
+
+def test_gaussian_kl_by_hand():
+    # q = N(1, 1), p = N(0, e): 0.5 * (1/e + 1/e - 1 + ln e) = 1/e.
+    kl = gaussian_kl(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([1.0]))
+    assert kl.item() == pytest.approx(math.exp(-1.0), rel=1e-6)
+
+
+def test_gaussian_kl_by_hand_variance_only():
+    # q = N(0, 4), p = N(0, 1): 0.5 * (4 - 1 - ln 4).
+    kl = gaussian_kl(torch.tensor([0.0]), torch.tensor([math.log(4.0)]), torch.tensor([0.0]), torch.tensor([0.0]))
+    assert kl.item() == pytest.approx(0.5 * (4 - 1 - math.log(4.0)), rel=1e-6)
+
+
+def test_mean_over_sets_ignores_padded_sets():
+    per_set = torch.tensor([[1.0, 3.0, 100.0], [5.0, 100.0, 100.0]])
+    set_mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert mean_over_sets(per_set, set_mask).item() == pytest.approx(3.0)
+
+
+def test_mean_over_sets_without_valid_sets_is_zero():
+    assert mean_over_sets(torch.ones(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool)).tolist() == [0.0] * 4
+
+
+def test_free_bits_clamps_each_dimension():
+    # Two valid sets; per-dimension means are 0.01, 0.5 and 0.0.
+    kl = torch.tensor([[[0.02, 0.4, 0.0], [0.0, 0.6, 0.0], [9.0, 9.0, 9.0]]])
+    set_mask = torch.tensor([[True, True, False]])
+    penalised, raw = free_bits_kl(kl, set_mask, free_bits=0.1)
+    assert raw.item() == pytest.approx(0.51)
+    assert penalised.item() == pytest.approx(0.1 + 0.5 + 0.1)
+
+
+def test_free_bits_stops_gradient_below_threshold():
+    kl = torch.tensor([[[0.01, 0.5]]], requires_grad=True)
+    penalised, _ = free_bits_kl(kl, torch.tensor([[True]]), free_bits=0.1)
+    penalised.backward()
+    assert kl.grad.tolist() == [[[0.0, 1.0]]]
+
+
+def hand_events():
+    # One subject, two sets, four event slots. Set 0 has code 3 twice (values 1 and 3),
+    # code 4 without a value and a padded slot with a stray code; set 1 has code 2 with value 0.
+    codes = torch.tensor([[[3, 3, 4, 2], [2, 0, 0, 0]]])
+    values = torch.tensor([[[1.0, 3.0, 0.0, 7.0], [0.0, 0.0, 0.0, 0.0]]])
+    has_value = torch.tensor([[[True, True, False, True], [True, False, False, False]]])
+    event_mask = torch.tensor([[[True, True, True, False], [True, False, False, False]]])
+    return codes, values, has_value, event_mask
+
+
+def test_set_targets_presence():
+    targets = set_targets(*hand_events(), vocab_size=5)
+    assert targets["presence"].tolist() == [[[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]]
+
+
+def test_set_targets_mean_value():
+    targets = set_targets(*hand_events(), vocab_size=5)
+    assert targets["value"].tolist() == [[[0, 0, 0, 2.0, 0], [0, 0, 0.0, 0, 0]]]
+
+
+def test_set_targets_has_value():
+    targets = set_targets(*hand_events(), vocab_size=5)
+    assert targets["has_value"].tolist() == [[[False, False, False, True, False], [False, False, True, False, False]]]
+
+
+def test_reconstruction_ignores_pad_column():
+    targets = set_targets(*hand_events(), vocab_size=5)
+    set_mask = torch.tensor([[True, True]])
+    logits = torch.zeros(1, 2, 5)
+    shifted = logits.clone()
+    shifted[..., PAD_CODE] = 50.0
+    presence, _ = reconstruction_losses(logits, torch.zeros(1, 2, 5), targets, set_mask)
+    presence_shifted, _ = reconstruction_losses(shifted, torch.zeros(1, 2, 5), targets, set_mask)
+    assert presence_shifted.item() == pytest.approx(presence.item())
+
+
+def test_reconstruction_by_hand():
+    targets = set_targets(*hand_events(), vocab_size=5)
+    set_mask = torch.tensor([[True, True]])
+    # Zero logits: each of the 4 non-PAD codes costs ln 2 per set.
+    # Values predicted 1.0: set 0 has code 3 (target 2) and set 1 code 2 (target 0), each 0.5 * 1^2.
+    presence, value = reconstruction_losses(torch.zeros(1, 2, 5), torch.ones(1, 2, 5), targets, set_mask)
+    assert presence.item() == pytest.approx(4 * math.log(2.0), rel=1e-6)
+    assert value.item() == pytest.approx(0.5, rel=1e-6)
