@@ -142,7 +142,7 @@ class PMA(nn.Module):
 def causal_attention_allowed(set_mask: Tensor) -> Tensor:
     """Return which sets each set may attend to, as a boolean [B, 1, S, S] (query, key).
 
-    Query t sees keys t' <= t that are real sets. The diagonal is always allowed,
+    Query t may attend to keys t' <= t that are real sets. The diagonal is always allowed,
     so every query, a padded one too, has at least one key and softmax stays finite.
     """
     s = set_mask.shape[1]
@@ -156,7 +156,7 @@ class TimeGapBias(nn.Module):
     """Additive attention mask: slope_h * log1p(|t_query - t_key|) per head h, -inf where attention is not allowed.
 
     Slopes start negative, from -1 to -1/8 across heads, so attention first decays
-    with the time gap at several rates; training may change their sign.
+    with the time gap at several rates. Training may change their sign.
     """
 
     def __init__(self, n_heads: int) -> None:
@@ -164,7 +164,7 @@ class TimeGapBias(nn.Module):
         self.slope = nn.Parameter(-torch.logspace(0.0, -3.0, n_heads, base=2.0))  # [H]
 
     def forward(self, set_times: Tensor, set_mask: Tensor) -> Tensor:
-        """Build the mask for `set_times` [B, S] in hours and `set_mask` [B, S]; returns [B, H, S, S]."""
+        """Build the mask for `set_times` [B, S] in hours and `set_mask` [B, S] to [B, H, S, S]."""
         gap = torch.log1p((set_times[:, :, None] - set_times[:, None, :]).abs())  # [B, S, S]
         bias = self.slope[None, :, None, None] * gap[:, None]  # [B, H, S, S]
         return bias.masked_fill(~causal_attention_allowed(set_mask), float("-inf"))
