@@ -1,0 +1,149 @@
+"""Tensor cache and batch packing on real PhysioNet stays, checked against pandas."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from seqsetvae.batch import UNK_CODE
+from seqsetvae.cache import SplitCache, ensure_cache, fit_preprocessor
+from seqsetvae.config import DataConfig
+from seqsetvae.data import SetSequenceDataset
+from seqsetvae.errors import UserInputError
+from seqsetvae.meds_write import write_labels
+from seqsetvae.preprocess import Preprocessor
+
+TASK = "in_hospital_mortality"
+
+
+@pytest.fixture(scope="module")
+def built(small_meds, tmp_path_factory):
+    config = DataConfig(max_sets=16, max_events_per_set=6)
+    preprocessor = fit_preprocessor(small_meds, config)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    reports = ensure_cache(small_meds, cache_dir, config, preprocessor)
+    return config, preprocessor, cache_dir, reports
+
+
+def split_events(meds_root, split) -> pd.DataFrame:
+    return pq.read_table(meds_root / "data" / split).to_pandas()
+
+
+def test_cap_count_matches_pandas(small_meds, built):
+    config, _, _, reports = built
+    events = split_events(small_meds, "train").drop_duplicates()
+    sizes = events.groupby(["subject_id", "time"]).size()
+    expected = int(np.maximum(sizes - config.max_events_per_set, 0).sum())
+    assert reports["train"].n_events_capped == expected
+    assert reports["train"].n_sets == len(sizes)
+
+
+def test_batch_matches_source_events(small_meds, built):
+    config, preprocessor, cache_dir, _ = built
+    cache = SplitCache(cache_dir, "tuning")
+    dataset = SetSequenceDataset(cache, config.max_sets, labelled=False)
+    batch = dataset.collate([0, 3, 5])
+    events = split_events(small_meds, "tuning")
+
+    for row, position in enumerate([0, 3, 5]):
+        subject = int(cache.subject_ids[position])
+        times = np.sort(events.loc[events.subject_id == subject, "time"].unique())[-config.max_sets :]
+        n_sets = int(batch["set_mask"][row].sum())
+        assert n_sets == len(times)
+        last_time = times[-1]
+        last = events[(events.subject_id == subject) & (events.time == last_time)]
+        expected_codes = preprocessor.code_indices(pa.array(last.code))
+        mask = batch["event_mask"][row, n_sets - 1].numpy()
+        packed_codes = batch["codes"][row, n_sets - 1].numpy()[mask]
+        if len(last) <= config.max_events_per_set:
+            assert Counter(packed_codes.tolist()) == Counter(expected_codes.tolist())
+        else:
+            assert len(packed_codes) == config.max_events_per_set
+
+
+def test_batch_values_are_normalised(small_meds, built):
+    config, preprocessor, cache_dir, _ = built
+    cache = SplitCache(cache_dir, "train")
+    batch = SetSequenceDataset(cache, config.max_sets, labelled=False).collate(list(range(8)))
+    values = batch["values"][batch["has_value"]]
+    assert torch_all_finite(values)
+    assert float(values.abs().max()) <= 10.0
+    assert not bool(batch["has_value"][~batch["event_mask"]].any())
+
+
+def torch_all_finite(tensor) -> bool:
+    return bool(np.isfinite(tensor.numpy()).all())
+
+
+def test_padding_and_set_times(built):
+    config, _, cache_dir, _ = built
+    cache = SplitCache(cache_dir, "train")
+    batch = SetSequenceDataset(cache, config.max_sets, labelled=False).collate([1, 2])
+    set_mask = batch["set_mask"]
+    times = batch["set_times"]
+    for row in range(2):
+        valid = times[row][set_mask[row]]
+        assert bool((valid[1:] > valid[:-1]).all())
+    assert not bool(batch["event_mask"][~set_mask].any())
+
+
+def test_labels_only_see_events_before_prediction_time(small_meds, tmp_path):
+    meds_root = tmp_path / "meds"
+    shutil.copytree(small_meds, meds_root)
+    labels = pq.read_table(meds_root / "labels" / TASK).to_pandas()
+    # Predict 10 hours after admission instead of 48.
+    labels["prediction_time"] = labels["prediction_time"] - pd.Timedelta(hours=38)
+    shutil.rmtree(meds_root / "labels" / TASK)
+    write_labels(meds_root, TASK, pa.Table.from_pandas(labels, preserve_index=False))
+
+    config = DataConfig(max_sets=200, max_events_per_set=64)
+    cache_dir = tmp_path / "cache"
+    ensure_cache(meds_root, cache_dir, config, fit_preprocessor(meds_root, config), splits=("tuning",))
+    cache = SplitCache(cache_dir, "tuning", task=TASK)
+    dataset = SetSequenceDataset(cache, config.max_sets, labelled=True)
+    batch = dataset.collate(list(range(len(dataset))))
+
+    events = split_events(meds_root, "tuning")
+    cutoff = labels.set_index("subject_id")["prediction_time"]
+    expected_sets = (
+        events[events.time <= events.subject_id.map(cutoff)].groupby("subject_id")["time"].nunique()
+    )
+    subject_ids = np.asarray(cache.subject_ids)[cache.labels["subject_pos"]]
+    got = batch["set_mask"].sum(1).numpy()
+    assert got.tolist() == [int(expected_sets.get(s, 0)) for s in subject_ids]
+    assert float(batch["set_times"][batch["set_mask"]].max()) <= 10.0
+
+
+def test_constant_code_has_unit_scale():
+    events = pa.table(
+        {
+            "code": ["A", "A", "A", "B", "C"],
+            "numeric_value": pa.array([5.0, 5.0, 5.0, 2.0, None], pa.float32()),
+        }
+    )
+    pre = Preprocessor.fit(events, clip_quantile=0.01)
+    indices = pre.code_indices(pa.array(["A", "B", "C", "Z"]))
+    values, has_value = pre.normalise(indices, np.array([5.0, 7.0, np.nan, 1.0]))
+    assert pre.std[pre.codes.index("A")] == 1.0
+    assert values[0] == 0.0
+    assert np.isfinite(values).all()
+    assert has_value.tolist() == [True, True, False, False]
+    assert indices[-1] == UNK_CODE
+
+
+def test_cache_is_reused(small_meds, built):
+    config, preprocessor, cache_dir, _ = built
+    before = (cache_dir / "train" / "codes.npy").stat().st_mtime_ns
+    ensure_cache(small_meds, cache_dir, config, preprocessor)
+    assert (cache_dir / "train" / "codes.npy").stat().st_mtime_ns == before
+
+
+def test_missing_cache_split_is_clear(tmp_path):
+    with pytest.raises(UserInputError, match="cached split not found"):
+        SplitCache(tmp_path, "train")
