@@ -26,8 +26,9 @@ class FeatureDataset(Dataset):
     def __init__(self, features: np.ndarray, labels: np.ndarray):
         if len(features) != len(labels):
             raise ValueError(f"features and labels differ in length: expected {len(features)}, got {len(labels)}")
-        self.features = torch.as_tensor(features, dtype=torch.float32)
-        self.labels = torch.as_tensor(labels, dtype=torch.float32)
+        # Arrays from Ray's object store are read-only; torch needs writable memory.
+        self.features = torch.tensor(np.asarray(features), dtype=torch.float32)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -20,9 +20,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    # Workers inherit this, so Ray Train's and Tune's own progress tables stay short.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if address:
         logger.info("Joining Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING)

@@ -1,0 +1,121 @@
+"""End to end on real stays: Ray Train DDP pretraining with 2 workers, a 3-trial sweep, export, evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from seqsetvae.cli import main
+from seqsetvae.export import EXPORT_FILES, load_export
+
+pytestmark = pytest.mark.e2e
+
+SMALL_MODEL = [
+    "--d-model", "32", "--latent-dim", "8", "--n-inducing", "8", "--n-heads", "2",
+    "--n-set-layers", "1", "--n-seq-layers", "1", "--max-sets", "24", "--max-events-per-set", "24",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_meds, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(
+        [
+            "run", "--data", str(small_meds), "--out", str(out),
+            "--max-epochs", "1", "--num-workers", "2", "--batch-size", "16", "--beta-warmup-steps", "5",
+            "--num-samples", "3", "--max-concurrent-trials", "2", "--finetune-max-epochs", "4",
+            *SMALL_MODEL,
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_summary_has_contract_keys(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"best_params", "val_auprc", "held_out", "export_dir", "stage_seconds"} <= set(summary)
+    assert {"auroc", "auprc", "accuracy"} <= set(summary["held_out"])
+    assert set(summary["stage_seconds"]) == {"cache", "pretrain", "tune", "export", "evaluate"}
+    assert 0.0 <= summary["val_auprc"] <= 1.0
+    assert summary["n_trials"] == 3
+
+
+def test_pretraining_ran_on_two_workers(run_dir):
+    metrics = pd.read_csv(run_dir / "pretrain" / "pretrain_metrics.csv")
+    expected = {"train/loss", "train/recon_loss", "train/kl_loss", "train/beta", "val/loss", "val/active_units"}
+    assert expected <= set(metrics.columns)
+    assert len(metrics) == 1
+    # 160 train subjects, 2 workers, batch 16: 5 optimiser steps per worker in one epoch.
+    assert int(metrics["step"].iloc[-1]) == 5
+    assert (run_dir / "pretrain" / "pretrained.pt").is_file()
+
+
+def test_best_trial_is_chosen(run_dir):
+    trials = pd.read_csv(run_dir / "sweep" / "trials.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(trials) == 3
+    assert summary["val_auprc"] == pytest.approx(trials["best_val_auprc"].max(), abs=1e-6)
+    for key in ("focal_gamma", "focal_alpha", "head_init", "head_lr"):
+        assert key in summary["best_params"]
+
+
+def test_export_loads_without_ray(run_dir):
+    export = run_dir / "export"
+    assert sorted(p.name for p in export.iterdir()) == sorted(EXPORT_FILES)
+    script = (
+        "import sys, json; from seqsetvae.export import load_export; "
+        f"m = load_export({str(export)!r}); "
+        "print(json.dumps({'ray': 'ray' in sys.modules, 'z': m.head.in_features}))"
+    )
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    loaded = json.loads(output.stdout.strip().splitlines()[-1])
+    assert loaded["ray"] is False
+    assert loaded["z"] == 2 * 8
+    model = load_export(export)
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+
+
+def test_held_out_predictions(run_dir, small_meds):
+    predictions = pq.read_table(run_dir / "evaluation" / "predictions.parquet")
+    assert predictions.column_names == [
+        "subject_id",
+        "prediction_time",
+        "boolean_value",
+        "predicted_boolean_value",
+        "predicted_boolean_probability",
+    ]
+    assert predictions.num_rows == 40
+    probabilities = predictions.column("predicted_boolean_probability").to_numpy()
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert {"auroc", "auprc", "accuracy", "n", "n_positive"} <= set(metrics)
+    assert metrics["n"] == 40
+    assert metrics["n_positive"] == int(predictions.column("boolean_value").to_numpy().sum())
+
+
+def test_evaluate_command_on_tuning_split(run_dir, small_meds, tmp_path):
+    code = main(
+        ["evaluate", "--model", str(run_dir / "export"), "--data", str(small_meds), "--split", "tuning", "--out", str(tmp_path)]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 40
+    assert metrics["split"] == "tuning"
+
+
+def test_finetune_alias_runs_one_head(run_dir, small_meds, tmp_path):
+    code = main(
+        [
+            "train", "--finetune", "--data", str(small_meds),
+            "--pretrained-ckpt", str(run_dir / "pretrain" / "pretrained.pt"),
+            "--out", str(tmp_path), "--finetune-max-epochs", "2", "--max-sets", "24", "--max-events-per-set", "24",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    metrics = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    assert {"val/auroc", "val/auprc", "val/accuracy"} <= set(metrics)
