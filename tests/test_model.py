@@ -5,7 +5,7 @@ import torch
 
 from seqsetvae.batch import PAD_CODE
 from seqsetvae.config import ModelConfig
-from seqsetvae.model.blocks import PMA, causal_attention_allowed, key_padding_mask
+from seqsetvae.model.blocks import ISAB, PMA, TimeGapBias, causal_attention_allowed, key_padding_mask
 from seqsetvae.model.core import SeqSetVAE, product_of_gaussians
 
 VOCAB = 12
@@ -382,7 +382,7 @@ def test_forward_loss_combines_parts():
 
 def test_loss_decreases_with_training():
     model, batch = make_model(seed=1), make_batch([4, 2, 5], seed=5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     with torch.no_grad():
         before = model(batch, beta=0.1, free_bits=0.0)["loss"].item()
     model.train()
@@ -436,7 +436,14 @@ def test_rejects_mismatched_shapes():
 def test_rejects_out_of_vocabulary_code():
     batch = make_batch([3, 5])
     batch["codes"][0, 0, 0] = VOCAB
-    with pytest.raises(ValueError, match=f"codes: expected indices in \\[0, {VOCAB}\\)"):
+    with pytest.raises(ValueError, match=f"codes: expected indices in \\[1, {VOCAB}\\) at real events"):
+        make_model().encode(batch)
+
+
+def test_rejects_pad_code_at_real_event():
+    batch = make_batch([3, 5])
+    batch["codes"][0, 0, 0] = PAD_CODE
+    with pytest.raises(ValueError, match="got min 0"):
         make_model().encode(batch)
 
 
@@ -478,3 +485,25 @@ def test_pma_empty_set_pools_to_zero():
     torch.manual_seed(0)
     pooled = PMA(d_model=8, n_heads=2)(torch.randn(2, 3, 8), torch.tensor([[True, True, False], [False] * 3]))
     assert torch.equal(pooled[1], torch.zeros(8))
+
+
+def test_isab_output_zero_at_padding():
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    output = ISAB(d_model=8, n_heads=2, n_inducing=3)(torch.randn(2, 3, 8), mask)
+    assert torch.equal(output[~mask], torch.zeros(3, 8))
+
+
+def test_time_gap_bias_by_hand():
+    bias_module = TimeGapBias(n_heads=2)
+    with torch.no_grad():
+        bias_module.slope.copy_(torch.tensor([-1.0, 0.5]))
+        bias = bias_module(torch.tensor([[0.0, 1.0, 3.0]]), torch.ones(1, 3, dtype=torch.bool))
+    assert bias[0, 0, 2, 0].item() == pytest.approx(-math.log(4.0))
+    assert bias[0, 1, 2, 1].item() == pytest.approx(0.5 * math.log(3.0))
+    assert bias[0, 0, 1, 1].item() == 0.0
+
+
+def test_time_gap_bias_masks_future():
+    bias = TimeGapBias(n_heads=2)(torch.tensor([[0.0, 1.0, 3.0]]), torch.ones(1, 3, dtype=torch.bool))
+    assert torch.isneginf(bias[0, :, 0, 1:]).all()

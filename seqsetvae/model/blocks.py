@@ -2,7 +2,7 @@
 
 Dimension legend (the letters of seqsetvae.batch, plus the ones set blocks need):
     M sets given to a set block (in the model: the valid sets of a batch, M <= B*S)
-    N elements per set, I inducing points or pooling seeds
+    N elements per set, E real elements of all M sets, I inducing points or pooling seeds
     B subjects, S sets per subject, D width, H heads
 
 Every mask marks real elements with True, as `event_mask` and `set_mask` do. Set
@@ -29,6 +29,27 @@ def key_padding_mask(key_mask: Tensor) -> Tensor:
     return (key_mask | empty)[:, None, None, :]  # [M, 1, 1, N]
 
 
+def rowwise(module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+    """Apply a position-wise `module` to the real rows of `x` [M, N, D] only.
+
+    Padded rows of the output are 0. Sets are padded to the largest set of the
+    batch, so padded rows are often most of the rows, and position-wise layers
+    are most of the cost of set blocks. `mask=None` applies `module` to every row.
+    """
+    if mask is None:
+        return module(x)
+    rows = module(x[mask])  # [E, D']
+    return rows.new_zeros(*mask.shape, rows.shape[-1]).index_put((mask,), rows)  # [M, N, D']
+
+
+SET_FF_EXPANSION = 2
+"""Hidden width of the set blocks' feed-forward layers, in multiples of D.
+
+Half the usual transformer width of 4, because set blocks run on every event
+and inducing point of a batch and their feed-forward layers dominate the cost.
+"""
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention from queries to a separate key/value input.
 
@@ -43,56 +64,77 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = n_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, query: Tensor, key_value: Tensor, attn_mask: Tensor | None) -> Tensor:
-        """Attend from `query` [M, N, D] to `key_value` [M, N', D].
+    def forward(
+        self,
+        query: Tensor,
+        key_value: Tensor,
+        attn_mask: Tensor | None,
+        query_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from `query` [M, N, D] or [1, N, D] to `key_value` [M, N', D].
 
-        `attn_mask` broadcasts to [M, H, N, N']: boolean (True may attend) or
-        additive float. Returns [M, N, D].
+        A query of batch size 1, such as learned inducing points, is projected
+        once and shared by all M sets. `attn_mask` broadcasts to [M, H, N, N']:
+        boolean (True may attend) or additive float. `query_mask` [M, N] and
+        `key_mask` [M, N'] only skip the projections of padded rows, and masking
+        keys is the job of `attn_mask`. Returns [M, N, D], 0 at padded queries
+        when `query_mask` is given.
         """
-        m, n_query, d = query.shape
-        n_key = key_value.shape[1]
+        m_query, n_query, d = query.shape
+        m, n_key, _ = key_value.shape
         d_head = d // self.n_heads
 
-        q = self.q_proj(query).view(m, n_query, self.n_heads, d_head).transpose(1, 2)  # [M, H, N, D/H]
-        kv = self.kv_proj(key_value).view(m, n_key, 2, self.n_heads, d_head)  # [M, N', 2, H, D/H]
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [M, H, N', D/H]
+        q = rowwise(self.q_proj, query, query_mask)
+        q = q.view(m_query, n_query, self.n_heads, d_head).transpose(1, 2).expand(m, -1, -1, -1)  # [M, H, N, D/H]
+        k = rowwise(self.k_proj, key_value, key_mask)
+        k = k.view(m, n_key, self.n_heads, d_head).transpose(1, 2)  # [M, H, N', D/H]
+        v = rowwise(self.v_proj, key_value, key_mask)
+        v = v.view(m, n_key, self.n_heads, d_head).transpose(1, 2)  # [M, H, N', D/H]
 
         dropout_p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [M, H, N, D/H]
         out = out.transpose(1, 2).reshape(m, n_query, d)  # [M, N, D]
-        return self.out_proj(out)
+        return rowwise(self.out_proj, out, query_mask)
 
 
-def feed_forward(d_model: int, dropout: float = 0.0) -> nn.Sequential:
-    """Return the position-wise two-layer MLP of a transformer block, 4x wide inside."""
+def feed_forward(d_model: int, expansion: int, dropout: float = 0.0) -> nn.Sequential:
+    """Return the position-wise two-layer MLP of a transformer block, `expansion` * D wide inside."""
     return nn.Sequential(
-        nn.Linear(d_model, 4 * d_model),
+        nn.Linear(d_model, expansion * d_model),
         nn.GELU(),
         nn.Dropout(dropout),
-        nn.Linear(4 * d_model, d_model),
+        nn.Linear(expansion * d_model, d_model),
     )
 
 
 class MAB(nn.Module):
-    """Multihead attention block: H = LN(X + Att(X, Y)), output LN(H + FF(H))."""
+    """Multihead attention block: H = LN(X + Att(X, Y)), output LN(H + FF(H)), FF SET_FF_EXPANSION * D wide."""
 
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         self.attention = MultiHeadAttention(d_model, n_heads)
         self.norm_attention = nn.LayerNorm(d_model)
-        self.ff = feed_forward(d_model)
+        self.ff = feed_forward(d_model, SET_FF_EXPANSION)
         self.norm_ff = nn.LayerNorm(d_model)
 
-    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None) -> Tensor:
-        """Attend from `x` [M, N, D] to `y` [M, N', D] whose real elements `key_mask` [M, N'] marks.
+    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None, query_mask: Tensor | None = None) -> Tensor:
+        """Attend from `x` [M or 1, N, D] to `y` [M, N', D] whose real elements `key_mask` [M, N'] marks.
 
-        `key_mask=None` means every element of `y` is real. Returns [M, N, D].
+        `key_mask=None` means every element of `y` is real. With `query_mask`
+        [M, N], only real rows of `x` are computed and padded rows of the
+        output are 0. Returns [M, N, D].
         """
         attn_mask = None if key_mask is None else key_padding_mask(key_mask)
-        h = self.norm_attention(x + self.attention(x, y, attn_mask))
+        h = x + self.attention(x, y, attn_mask, query_mask=query_mask, key_mask=key_mask)
+        return rowwise(self._feed_forward, h, query_mask)
+
+    def _feed_forward(self, h: Tensor) -> Tensor:
+        h = self.norm_attention(h)
         return self.norm_ff(h + self.ff(h))
 
 
@@ -109,13 +151,9 @@ class ISAB(nn.Module):
         self.broadcast = MAB(d_model, n_heads)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Map a padded set batch `x` [M, N, D] with real elements `mask` [M, N] to [M, N, D].
-
-        Outputs at padded positions are finite and must be ignored downstream.
-        """
-        inducing = self.inducing.expand(x.shape[0], -1, -1)  # [M, I, D]
-        summary = self.summarise(inducing, x, mask)  # [M, I, D]
-        return self.broadcast(x, summary, None)
+        """Map a padded set batch `x` [M, N, D] with real elements `mask` [M, N] to [M, N, D], 0 at padding."""
+        summary = self.summarise(self.inducing[None], x, mask)  # [M, I, D]
+        return self.broadcast(x, summary, None, query_mask=mask)
 
 
 class PMA(nn.Module):
@@ -134,16 +172,16 @@ class PMA(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Pool `x` [M, N, D] over its real elements `mask` [M, N] to [M, D]."""
-        seed = self.seed.expand(x.shape[0], -1, -1)  # [M, 1, D]
-        pooled = self.attend(seed, x, mask).squeeze(1)  # [M, D]
+        pooled = self.attend(self.seed, x, mask).squeeze(1)  # [M, D]
         return pooled * mask.any(dim=-1, keepdim=True)
 
 
 def causal_attention_allowed(set_mask: Tensor) -> Tensor:
     """Return which sets each set may attend to, as a boolean [B, 1, S, S] (query, key).
 
-    Query t may attend to keys t' <= t that are real sets. The diagonal is always allowed,
-    so every query, a padded one too, has at least one key and softmax stays finite.
+    Query t may attend to keys t' <= t that are real sets. The diagonal is always
+    allowed, so every query, a padded one too, has at least one key and softmax
+    stays finite.
     """
     s = set_mask.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=set_mask.device).tril()  # [S, S]
@@ -178,7 +216,7 @@ class CausalTransformerLayer(nn.Module):
         self.norm_attention = nn.LayerNorm(d_model)
         self.attention = MultiHeadAttention(d_model, n_heads, dropout)
         self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = feed_forward(d_model, dropout)
+        self.ff = feed_forward(d_model, 4, dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:

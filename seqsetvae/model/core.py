@@ -1,8 +1,9 @@
 """The sequence-of-sets VAE: set encoder, causal prior over set latents, and set decoder.
 
-Dimension legend (the letters of seqsetvae.batch, plus M):
-    B subjects, S sets per subject, N events per set, M valid sets of a batch (M <= B*S),
-    D model width, Z latent width, V vocabulary size, H attention heads.
+Dimension legend (the letters of seqsetvae.batch, plus M and E):
+    B subjects, S sets per subject, N events per set, D model width, Z latent width,
+    V vocabulary size, H attention heads, M valid sets of a batch (M <= B*S),
+    E real events of those M sets.
 
 Each set t of a subject gets a latent z_t. Its prior p(z_t | sets < t, times)
 comes from a causal transformer over the summaries of the earlier sets; its
@@ -12,7 +13,6 @@ own events, so the posterior of the last set carries the whole history.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -22,8 +22,6 @@ from seqsetvae.batch import BATCH_KEYS, PAD_CODE
 from seqsetvae.config import ModelConfig
 from seqsetvae.losses import free_bits_kl, gaussian_kl, reconstruction_losses, set_targets
 from seqsetvae.model.blocks import ISAB, PMA, CausalTransformerLayer, TimeGapBias
-
-logger = logging.getLogger(__name__)
 
 TIME_PERIODS_HOURS = tuple(2.0**k for k in range(-2, 12))
 """Periods of the sinusoidal time features: 15 minutes to 2048 hours (about 85 days), doubling."""
@@ -63,8 +61,12 @@ class SetEncoder(nn.Module):
         self.pool = PMA(config.d_model, config.n_heads)
 
     def forward(self, codes: Tensor, values: Tensor, has_value: Tensor, event_mask: Tensor) -> Tensor:
-        """Summarise M sets of events, each input [M, N], to [M, D]."""
-        x = self.embedding(codes, values, has_value)  # [M, N, D]
+        """Summarise M sets of events, each input [M, N], to [M, D].
+
+        Only real events are embedded, so codes and values under padding are never read.
+        """
+        events = self.embedding(codes[event_mask], values[event_mask], has_value[event_mask])  # [E, D]
+        x = events.new_zeros(*event_mask.shape, events.shape[-1]).index_put((event_mask,), events)  # [M, N, D]
         for layer in self.layers:
             x = layer(x, event_mask)
         return self.pool(x, event_mask)
@@ -120,7 +122,7 @@ class CausalPrior(nn.Module):
         self.head = GaussianHead(config.d_model, config.latent_dim, config.logvar_min, config.logvar_max)
 
     def forward(self, summary: Tensor, set_times: Tensor, set_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Map set summaries [B, S, D], times [B, S] in hours and the set mask [B, S] to prior (mu, logvar) [B, S, Z]."""
+        """Map set summaries [B, S, D], times [B, S] in hours and `set_mask` [B, S] to prior (mu, logvar) [B, S, Z]."""
         start = self.start_token.expand(summary.shape[0], -1, -1)  # [B, 1, D]
         x = torch.cat([start, summary[:, :-1]], dim=1) + self.time_encoding(set_times)  # [B, S, D]
         attn_mask = self.time_bias(set_times, set_mask)  # [B, H, S, S]
@@ -182,10 +184,12 @@ def check_batch(batch: dict, vocab_size: int) -> None:
             raise ValueError(f"{key}: expected a floating-point dtype, got {batch[key].dtype}")
 
     real_codes = codes[batch["event_mask"]]
-    if real_codes.numel() and not (0 <= int(real_codes.min()) and int(real_codes.max()) < vocab_size):
-        raise ValueError(
-            f"codes: expected indices in [0, {vocab_size}), got min {int(real_codes.min())}, max {int(real_codes.max())}"
-        )
+    if real_codes.numel():
+        low, high = int(real_codes.min()), int(real_codes.max())
+        if low <= PAD_CODE or high >= vocab_size:
+            raise ValueError(
+                f"codes: expected indices in [{PAD_CODE + 1}, {vocab_size}) at real events, got min {low}, max {high}"
+            )
     set_mask = batch["set_mask"]
     gaps = (set_mask[:, 1:] & ~set_mask[:, :-1]).any(dim=1)  # [B]
     if bool(gaps.any()):
@@ -231,15 +235,17 @@ class SeqSetVAE(nn.Module):
         def kept(tensor: Tensor) -> Tensor:
             return tensor.reshape(b * s, n)[valid][:, :n_kept]  # [M, N]
 
-        mask = kept(event_mask)
         pooled = self.set_encoder(
-            kept(codes).masked_fill(~mask, PAD_CODE), kept(batch["values"]), kept(batch["has_value"]) & mask, mask
+            kept(codes), kept(batch["values"]), kept(batch["has_value"]), kept(event_mask)
         )  # [M, D]
         summary = pooled.new_zeros(b * s, pooled.shape[-1]).index_put((valid,), pooled)  # [B*S, D]
         return summary.view(b, s, -1)  # [B, S, D]
 
     def encode(self, batch: dict) -> dict:
-        """Return the set latents' distributions: `post_*`, `prior_*`, `evidence_*` (mu, logvar) [B, S, Z] and `summary` [B, S, D].
+        """Return the distributions of the set latents and the set summaries.
+
+        The dict has `post_mu`, `post_logvar`, `prior_mu`, `prior_logvar`,
+        `evidence_mu` and `evidence_logvar`, each [B, S, Z], and `summary` [B, S, D].
 
         Times of padded sets are taken as 0 h, so the prior at position 0 of a
         subject without sets comes from the start token and time 0.
