@@ -231,6 +231,21 @@ def test_empty_batch_forward_finite():
     assert_all_finite(outputs)
 
 
+def test_bf16_autocast_losses_float32():
+    model = make_model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(make_batch([3, 0, 5]), beta=1.0, free_bits=0.05)
+    for key in ("loss", "recon", "kl", "kl_raw"):
+        assert outputs[key].dtype == torch.float32, key
+
+
+def test_bf16_autocast_forward_finite():
+    model = make_model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(make_batch([3, 0, 5]), beta=1.0, free_bits=0.05)
+    assert_all_finite(outputs)
+
+
 def test_event_embedding_value_zero_differs_from_missing():
     embedding = make_model().set_encoder.embedding
     codes = torch.tensor([[5, 5]])

@@ -80,10 +80,10 @@ class MultiHeadAttention(nn.Module):
 
         A query of batch size 1, such as learned inducing points, is projected
         once and shared by all M sets. `attn_mask` broadcasts to [M, H, N, N']:
-        boolean (True may attend) or additive float. `query_mask` [M, N] and
-        `key_mask` [M, N'] only skip the projections of padded rows, and masking
-        keys is the job of `attn_mask`. Returns [M, N, D], 0 at padded queries
-        when `query_mask` is given.
+        boolean (True may attend) or additive float, which is cast to the query
+        dtype. `query_mask` [M, N] and `key_mask` [M, N'] only skip the
+        projections of padded rows, and masking keys is the job of `attn_mask`.
+        Returns [M, N, D], 0 at padded queries when `query_mask` is given.
         """
         m_query, n_query, d = query.shape
         m, n_key, _ = key_value.shape
@@ -96,6 +96,8 @@ class MultiHeadAttention(nn.Module):
         v = rowwise(self.v_proj, key_value, key_mask)
         v = v.view(m, n_key, self.n_heads, d_head).transpose(1, 2)  # [M, H, N', D/H]
 
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # a float mask must match the query dtype, bf16 under autocast
         dropout_p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [M, H, N, D/H]
         out = out.transpose(1, 2).reshape(m, n_query, d)  # [M, N, D]

@@ -290,11 +290,14 @@ class SeqSetVAE(nn.Module):
         post_mu, post_logvar = posterior["post_mu"], posterior["post_logvar"]
         z = post_mu + torch.randn_like(post_mu) * torch.exp(0.5 * post_logvar) if self.training else post_mu
 
-        presence_logits, value_pred = self.decoder(z)  # [B, S, V] each
+        presence_logits, value_pred = (output.float() for output in self.decoder(z))  # [B, S, V] each
         targets = set_targets(batch["codes"], batch["values"], batch["has_value"], batch["event_mask"], self.vocab_size)
         recon_presence, recon_value = reconstruction_losses(presence_logits, value_pred, targets, batch["set_mask"])
 
-        kl_elements = gaussian_kl(post_mu, post_logvar, posterior["prior_mu"], posterior["prior_logvar"])  # [B, S, Z]
+        # Losses are computed in float32, also under bf16 autocast: the KL of close Gaussians is a small
+        # difference of large terms.
+        gaussians = (post_mu, post_logvar, posterior["prior_mu"], posterior["prior_logvar"])
+        kl_elements = gaussian_kl(*(tensor.float() for tensor in gaussians))  # [B, S, Z]
         kl, kl_raw = free_bits_kl(kl_elements, batch["set_mask"], free_bits)
         recon = recon_presence + recon_value
         return {
