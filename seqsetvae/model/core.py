@@ -172,8 +172,14 @@ def check_batch(batch: dict, vocab_size: int) -> None:
     if codes.dim() != 3 or codes.dtype != torch.int64:
         raise ValueError(f"codes: expected int64 [B, S, N], got {codes.dtype} {tuple(codes.shape)}")
 
-    for key, shape in (("values", codes.shape), ("has_value", codes.shape), ("event_mask", codes.shape),
-                       ("set_times", codes.shape[:2]), ("set_mask", codes.shape[:2])):  # fmt: skip
+    expected_shapes = {
+        "values": codes.shape,
+        "has_value": codes.shape,
+        "event_mask": codes.shape,
+        "set_times": codes.shape[:2],
+        "set_mask": codes.shape[:2],
+    }
+    for key, shape in expected_shapes.items():
         if batch[key].shape != shape:
             raise ValueError(f"{key}: expected shape {tuple(shape)}, got {tuple(batch[key].shape)}")
     for key in ("has_value", "event_mask", "set_mask"):
@@ -224,7 +230,8 @@ class SeqSetVAE(nn.Module):
         """Return the summary [B, S, D] of each set, zeros for padded sets.
 
         Only valid sets run through the set encoder, and the event axis is cut
-        after the last real event of the batch, so padding costs no compute.
+        after the last real event of the batch, so padded sets and trailing
+        padded event slots cost no compute.
         """
         codes, set_mask, event_mask = batch["codes"], batch["set_mask"], batch["event_mask"]
         b, s, n = codes.shape
@@ -280,6 +287,9 @@ class SeqSetVAE(nn.Module):
             kl_raw: KL(posterior || prior) averaged over valid sets per latent
                 dimension, then summed over the Z dimensions.
             kl: the same with free bits, sum_z max(kl_z, free_bits).
+
+        Both recon parts are negative log-likelihoods (Bernoulli presence and
+        unit-variance Gaussian value, up to a constant), so they add with weight 1.
 
         z is sampled with the reparameterisation trick in training mode and is
         the posterior mean in eval mode. The output also has `post_mu` [B, S, Z].
