@@ -13,7 +13,7 @@ CONFIG = ModelConfig(d_model=16, latent_dim=4, n_inducing=3, n_heads=2, n_set_la
 
 
 def make_batch(n_sets: list[int], max_sets: int = 5, max_events: int = 6, seed: int = 0) -> dict:
-    """Build a random left-aligned batch; subject b has n_sets[b] valid sets of 1..max_events events."""
+    """Build a random left-aligned batch in which subject b has n_sets[b] valid sets of 1..max_events events."""
     generator = torch.Generator().manual_seed(seed)
     b, s, n = len(n_sets), max_sets, max_events
     set_mask = torch.arange(s)[None] < torch.tensor(n_sets)[:, None]  # [B, S]
@@ -354,7 +354,8 @@ def test_logvar_clamp_reached():
     # Guards the two tests above: the scaled heads do produce values past the bounds.
     with torch.no_grad():
         logvar = clamped_model().encode(make_batch([5, 5, 2]))["evidence_logvar"]
-    assert (logvar == -0.5).any() and (logvar == 0.25).any()
+    assert (logvar == -0.5).any()
+    assert (logvar == 0.25).any()
 
 
 def test_product_of_gaussians_by_hand():
