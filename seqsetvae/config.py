@@ -63,7 +63,7 @@ class ModelConfig:
 
     d_model: int = option(64, "model width D (embedding and attention size)")
     latent_dim: int = option(32, "latent width Z per set; finetuning features are 2*Z wide")
-    n_inducing: int = option(16, "number of inducing points per induced set attention block")
+    n_inducing: int = option(8, "number of inducing points per induced set attention block")
     n_heads: int = option(4, "number of attention heads")
     n_set_layers: int = option(2, "number of induced set attention blocks in the set encoder")
     n_seq_layers: int = option(2, "number of causal transformer layers over the sequence of sets")
