@@ -101,7 +101,9 @@ class PretrainConfig:
     beta_warmup_steps: int = option(500, "optimiser steps of linear KL warm-up from 0 to beta")
     free_bits: float = option(0.05, "free bits: KL per latent dimension, in nats, below which it is not penalised")
     num_workers: int = option(1, "Ray Train workers (DDP processes)")
-    cpus_per_worker: int = option(1, "CPU cores reserved for each Ray Train worker")
+    cpus_per_worker: int = option(
+        0, "CPU cores reserved for each Ray Train worker; 0 divides the Ray cluster's CPUs among the workers"
+    )
     use_gpu: bool = option(False, "train on one GPU per worker with NCCL; without it, CPU with gloo")
     max_failures: int = option(0, "worker-group restarts Ray Train allows before the run fails")
     seed: int = option(0, "random seed")
@@ -110,7 +112,9 @@ class PretrainConfig:
     dataloader_workers: int = option(0, "DataLoader worker processes per Ray worker")
 
     def __post_init__(self) -> None:
-        _check_positive(self, "max_epochs", "batch_size", "num_workers", "cpus_per_worker")
+        _check_positive(self, "max_epochs", "batch_size", "num_workers")
+        if self.cpus_per_worker < 0:
+            raise UserInputError(f"cpus_per_worker: expected 0 (automatic) or a positive count, got {self.cpus_per_worker}")
         if self.lr <= 0 or self.beta < 0 or self.free_bits < 0 or self.beta_warmup_steps < 0:
             raise UserInputError(
                 "lr must be positive and beta, free_bits and beta_warmup_steps non-negative, got "

@@ -20,7 +20,7 @@ from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataModule
 from seqsetvae.lit import PretrainModule
 from seqsetvae.preprocess import Preprocessor
-from seqsetvae.ray_utils import ddp_backend, init_ray, lightning_accelerator
+from seqsetvae.ray_utils import cpus_per_worker, ddp_backend, init_ray, lightning_accelerator
 from seqsetvae.storage import resolve_storage
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def run_pretraining(
         scaling_config=ScalingConfig(
             num_workers=train_config.num_workers,
             use_gpu=train_config.use_gpu,
-            resources_per_worker={"CPU": train_config.cpus_per_worker},
+            resources_per_worker={"CPU": cpus_per_worker(train_config.cpus_per_worker, train_config.num_workers)},
         ),
         run_config=RunConfig(
             name=train_config.run_name,

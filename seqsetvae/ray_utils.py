@@ -47,3 +47,15 @@ def ddp_backend(use_gpu: bool) -> str:
 
 def lightning_accelerator(use_gpu: bool) -> str:
     return "gpu" if use_gpu else "cpu"
+
+
+def cpus_per_worker(requested: int, num_workers: int) -> int:
+    """Return the CPUs each Ray Train worker reserves; 0 divides the cluster's CPUs evenly.
+
+    Ray sets each worker's torch thread count from this, so on a small machine
+    one worker with every core trains as fast as several workers with one each.
+    """
+    if requested > 0:
+        return requested
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, total // num_workers)
