@@ -13,9 +13,12 @@ Layout of one split under `<cache_dir>/<split>/`:
     labels_<task>/       subject_pos, n_sets, value, prediction_time_us per label
     report.json          counts of what was capped, dropped and mapped
 
-Events of a subject are sorted by time, sets by time. Building the cache reads
-each split with pyarrow and numpy only; loading a batch indexes the memory
-maps and never touches pandas.
+Events of a subject are sorted by time, sets by time. Subjects are in the
+order they are read, shard by shard, and subjects without events come last.
+Building the cache reads each split in chunks of whole subjects with pyarrow
+and numpy only and appends every chunk to the arrays, so its memory does not
+grow with the split. Loading a batch indexes the memory maps and never
+touches pandas.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,7 @@ import pyarrow.compute as pc
 from seqsetvae import meds_io
 from seqsetvae.config import DataConfig
 from seqsetvae.errors import UserInputError
-from seqsetvae.preprocess import Preprocessor
+from seqsetvae.preprocess import Preprocessor, fit_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,11 @@ ARRAY_NAMES = (
     "subject_ids",
 )
 LABEL_ARRAY_NAMES = ("subject_pos", "n_sets", "value", "prediction_time_us")
+
+PREPARE_CHUNK_ROWS = 2_000_000
+"""Events read and tensorised at a time; bounds the memory of fitting preprocessing and building the cache."""
+READ_BATCH_ROWS = 262_144
+"""Rows of one parquet read batch; batches are joined into chunks of whole subjects."""
 
 
 @dataclass
@@ -94,15 +103,19 @@ def split_signature(meds_root: Path, split: str, data_config: DataConfig, prepro
 
 
 def fit_preprocessor(meds_root: str | Path, data_config: DataConfig) -> Preprocessor:
-    """Fit the vocabulary and value statistics on the train split."""
+    """Fit the vocabulary and value statistics on the train split, reading it in chunks of PREPARE_CHUNK_ROWS events."""
     root = meds_io.check_meds_root(meds_root)
     ids = meds_io.split_subject_ids(root, meds_io.meds.train_split)
-    tables = [meds_io.read_events(path, ids) for path in meds_io.event_files(root, meds_io.meds.train_split)]
-    events = pa.concat_tables(tables)
-    if events.num_rows == 0:
+    files = meds_io.event_files(root, meds_io.meds.train_split)
+
+    def chunks():
+        for path in files:
+            yield from meds_io.iter_events(path, ids, batch_rows=PREPARE_CHUNK_ROWS)
+
+    preprocessor = fit_streaming(chunks, data_config.clip_quantile)
+    if not preprocessor.codes:
         raise UserInputError(f"{root}: the train split has no events; a vocabulary cannot be fitted")
-    # NOTE: fitting holds the train split's code and value columns in memory.
-    return Preprocessor.fit(events, data_config.clip_quantile)
+    return preprocessor
 
 
 def ensure_cache(
@@ -177,18 +190,82 @@ def _log_report(split: str, report: SplitReport) -> None:
     )
 
 
-def _read_split(root: Path, split: str, subject_ids: pa.Array) -> pa.Table:
-    tables = [meds_io.read_events(path, subject_ids) for path in meds_io.event_files(root, split)]
-    return pa.concat_tables(tables)
-
-
 def _build_split(
     root: Path, split: str, out: Path, data_config: DataConfig, preprocessor: Preprocessor
 ) -> SplitReport:
+    """Tensorise one split chunk by chunk, appending each chunk's arrays to the .npy files in `out`.
+
+    Subjects are stored in the order they are read: shard by shard, sorted by
+    id within a chunk. Subjects of the split without events come last, with
+    no sets.
+    """
     report = SplitReport()
     split_ids = np.sort(meds_io.split_subject_ids(root, split).to_numpy())
-    events = _read_split(root, split, pa.array(split_ids))
+    seen = np.zeros(len(split_ids), dtype=bool)
+    files = meds_io.event_files(root, split)
+    out.mkdir(parents=True, exist_ok=True)
+    with _SplitWriter(out) as writer:
+        for shard_number, path in enumerate(files, start=1):
+            for events in _subject_chunks(path, pa.array(split_ids)):
+                arrays = _tensorise(events, data_config, preprocessor, report)
+                positions = np.searchsorted(split_ids, arrays["subject_ids"])
+                repeated = int(seen[positions].sum())
+                if repeated:
+                    raise UserInputError(
+                        f"{path}: the events of {repeated} subject(s) of split '{split}' are not contiguous: they "
+                        "appear in more than one shard, or between other subjects' events within a shard. MEDS "
+                        "keeps each subject's events together in one shard; rewrite the shards sorted by "
+                        "subject_id and time"
+                    )
+                seen[positions] = True
+                writer.append(arrays)
+            logger.info(
+                "Split '%s': tensorised shard %d/%d (%d events so far)", split, shard_number, len(files), writer.n_events
+            )
+        writer.append_empty_subjects(split_ids[~seen])
+    report.n_subjects = len(split_ids)
+    report.n_subjects_without_events = int((~seen).sum())
 
+    labels = meds_io.read_labels(root, data_config.task) if _has_labels(root, data_config.task) else None
+    if labels is not None:
+        label_arrays = _pack_labels(labels, _load_arrays(out), report)
+        label_dir = out / f"labels_{data_config.task}"
+        label_dir.mkdir()
+        for name, array in label_arrays.items():
+            np.save(label_dir / f"{name}.npy", array)
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=1))
+    return report
+
+
+def _subject_chunks(path: Path, subject_ids: pa.Array, chunk_rows: int | None = None) -> Iterator[pa.Table]:
+    """Yield the events of `subject_ids` in one shard as tables of whole subjects, about `chunk_rows` rows each.
+
+    A chunk is cut after the last complete subject, which relies on MEDS
+    keeping each subject's events contiguous within its shard. The caller
+    detects a subject that appears in two chunks.
+    """
+    chunk_rows = chunk_rows or PREPARE_CHUNK_ROWS
+    pending: list[pa.Table] = []
+    n_pending = 0
+    for batch in meds_io.iter_events(path, subject_ids, batch_rows=min(chunk_rows, READ_BATCH_ROWS)):
+        pending.append(batch)
+        n_pending += batch.num_rows
+        if n_pending < chunk_rows:
+            continue
+        table = pa.concat_tables(pending)
+        subject = table.column("subject_id").to_numpy()
+        other = np.flatnonzero(subject != subject[-1])
+        if not len(other):
+            continue  # one subject fills the chunk so far; read on
+        cut = int(other[-1]) + 1
+        yield table.slice(0, cut)
+        pending, n_pending = [table.slice(cut)], table.num_rows - cut
+    if n_pending:
+        yield pa.concat_tables(pending)
+
+
+def _tensorise(events: pa.Table, data_config: DataConfig, preprocessor: Preprocessor, report: SplitReport) -> dict:
+    """Sort, deduplicate, normalise and pack the events of whole subjects; add the counts to `report`."""
     subject = events.column("subject_id").to_numpy()
     time = _time_with_static_filled(events, subject, report)
     raw_code = pc.dictionary_encode(events.column("code")).combine_chunks().indices.to_numpy()
@@ -198,14 +275,16 @@ def _build_split(
 
     # Non-finite values are measurement errors: the event is dropped and counted.
     nonfinite = ~is_null & ~np.isfinite(value)
-    report.n_nonfinite_dropped = int(nonfinite.sum())
+    report.n_nonfinite_dropped += int(nonfinite.sum())
     keep = ~nonfinite
 
-    # Sort by subject, time, code and value so exact duplicates are adjacent.
-    order = np.lexsort((np.nan_to_num(value, nan=np.inf), raw_code, time, subject))
+    # Sort by subject, time, vocabulary index, code and value so exact duplicates are adjacent and the
+    # events of a set are in vocabulary order, whatever the chunking.
+    codes_all = preprocessor.code_indices(events.column("code"))
+    order = np.lexsort((np.nan_to_num(value, nan=np.inf), raw_code, codes_all, time, subject))
     order = order[keep[order]]
     subject, time, raw_code, value = subject[order], time[order], raw_code[order], value[order]
-    codes_all = preprocessor.code_indices(events.column("code").take(pa.array(order)))
+    codes_all = codes_all[order]
 
     duplicate = np.zeros(len(order), dtype=bool)
     if len(order) > 1:
@@ -213,29 +292,14 @@ def _build_split(
         duplicate[1:] = (
             (subject[1:] == subject[:-1]) & (time[1:] == time[:-1]) & (raw_code[1:] == raw_code[:-1]) & same_value
         )
-    report.n_duplicates_dropped = int(duplicate.sum())
+    report.n_duplicates_dropped += int(duplicate.sum())
     unique = ~duplicate
     subject, time, codes_all, value = subject[unique], time[unique], codes_all[unique], value[unique]
 
-    report.n_unknown_code_events = int((codes_all == 1).sum())
-    report.n_values_clipped = preprocessor.count_clipped(codes_all, value)
+    report.n_unknown_code_events += int((codes_all == 1).sum())
+    report.n_values_clipped += preprocessor.count_clipped(codes_all, value)
     values, has_value = preprocessor.normalise(codes_all, value)
-
-    arrays, label_arrays = _pack(split_ids, subject, time, codes_all, values, has_value, data_config, report)
-    labels = meds_io.read_labels(root, data_config.task) if _has_labels(root, data_config.task) else None
-    if labels is not None:
-        label_arrays = _pack_labels(labels, split_ids, arrays, report)
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name, array in arrays.items():
-        np.save(out / f"{name}.npy", array)
-    if label_arrays is not None:
-        label_dir = out / f"labels_{data_config.task}"
-        label_dir.mkdir()
-        for name, array in label_arrays.items():
-            np.save(label_dir / f"{name}.npy", array)
-    (out / "report.json").write_text(json.dumps(asdict(report), indent=1))
-    return report
+    return _pack(np.unique(subject), subject, time, codes_all, values, has_value, data_config, report)
 
 
 def _has_labels(root: Path, task: str) -> bool:
@@ -251,8 +315,9 @@ def _time_with_static_filled(events: pa.Table, subject: np.ndarray, report: Spli
     time_column = events.column("time")
     null_time = time_column.is_null().to_numpy(zero_copy_only=False)
     time = time_column.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    report.n_static_events = int(null_time.sum())
-    if report.n_static_events:
+    n_static = int(null_time.sum())
+    report.n_static_events += n_static
+    if n_static:
         big = np.iinfo(np.int64).max
         ids, inverse = np.unique(subject, return_inverse=True)
         first = np.full(len(ids), big, dtype=np.int64)
@@ -262,8 +327,8 @@ def _time_with_static_filled(events: pa.Table, subject: np.ndarray, report: Spli
     return time
 
 
-def _pack(split_ids, subject, time, codes, values, has_value, data_config, report):
-    """Group sorted events into sets and subjects, capping events per set."""
+def _pack(subject_ids, subject, time, codes, values, has_value, data_config, report) -> dict:
+    """Group sorted events into sets of the subjects `subject_ids` (sorted), capping events per set."""
     n_events = len(subject)
     new_set = np.ones(n_events, dtype=bool)
     if n_events > 1:
@@ -271,30 +336,28 @@ def _pack(split_ids, subject, time, codes, values, has_value, data_config, repor
     set_start = np.flatnonzero(new_set)
     set_id = np.cumsum(new_set) - 1
 
-    # Keep the first max_events_per_set events of each set (in code order) and count the rest.
+    # Keep the first max_events_per_set events of each set (in vocabulary order) and count the rest.
     rank = np.arange(n_events) - set_start[set_id]
     capped = rank >= data_config.max_events_per_set
-    report.n_events_capped = int(capped.sum())
-    report.n_sets_over_cap = int(len(np.unique(set_id[capped])))
+    report.n_events_capped += int(capped.sum())
+    report.n_sets_over_cap += int(len(np.unique(set_id[capped])))
     kept = ~capped
     set_counts = np.bincount(set_id[kept], minlength=len(set_start))
     set_offsets = np.concatenate([[0], np.cumsum(set_counts)]).astype(np.int64)
 
     set_subject = subject[set_start]
     set_time = time[set_start]
-    subject_pos = np.searchsorted(split_ids, set_subject)
-    subject_counts = np.bincount(subject_pos, minlength=len(split_ids))
+    subject_pos = np.searchsorted(subject_ids, set_subject)
+    subject_counts = np.bincount(subject_pos, minlength=len(subject_ids))
     subject_offsets = np.concatenate([[0], np.cumsum(subject_counts)]).astype(np.int64)
-    first_time = np.zeros(len(split_ids), dtype=np.int64)
+    first_time = np.zeros(len(subject_ids), dtype=np.int64)
     has_sets = subject_counts > 0
     first_time[has_sets] = set_time[subject_offsets[:-1][has_sets]]
     set_hours = ((set_time - first_time[subject_pos]) / US_PER_HOUR).astype(np.float32)
 
-    report.n_subjects = len(split_ids)
-    report.n_subjects_without_events = int((subject_counts == 0).sum())
-    report.n_events = int(kept.sum())
-    report.n_sets = len(set_start)
-    arrays = {
+    report.n_events += int(kept.sum())
+    report.n_sets += len(set_start)
+    return {
         "codes": codes[kept].astype(np.int32),
         "values": values[kept].astype(np.float32),
         "has_value": has_value[kept],
@@ -302,15 +365,16 @@ def _pack(split_ids, subject, time, codes, values, has_value, data_config, repor
         "set_hours": set_hours,
         "set_time_us": set_time.astype(np.int64),
         "subject_offsets": subject_offsets,
-        "subject_ids": split_ids.astype(np.int64),
+        "subject_ids": subject_ids.astype(np.int64),
     }
-    return arrays, None
 
 
-def _pack_labels(labels: pa.Table, split_ids: np.ndarray, arrays: dict, report: SplitReport) -> dict:
-    """Map each label to its subject and to the number of its sets at or before the prediction time."""
+def _pack_labels(labels: pa.Table, arrays: dict, report: SplitReport) -> dict:
+    """Map each label to its subject's position in the cache and to the number of its sets at or before the prediction time."""
+    cache_ids = np.asarray(arrays["subject_ids"])
+    by_id = np.argsort(cache_ids)
     label_subject = labels.column("subject_id").to_numpy()
-    in_split = np.isin(label_subject, split_ids)
+    in_split = np.isin(label_subject, cache_ids)
     labels = labels.filter(pa.array(in_split))
     label_subject = label_subject[in_split]
     prediction_us = labels.column("prediction_time").cast(pa.int64()).to_numpy()
@@ -318,14 +382,10 @@ def _pack_labels(labels: pa.Table, split_ids: np.ndarray, arrays: dict, report: 
 
     order = np.lexsort((prediction_us, label_subject))
     label_subject, prediction_us, value = label_subject[order], prediction_us[order], value[order]
-    subject_pos = np.searchsorted(split_ids, label_subject)
-    offsets = arrays["subject_offsets"]
-    set_time = arrays["set_time_us"]
-    n_sets = np.empty(len(subject_pos), dtype=np.int64)
-    for i, (pos, cutoff) in enumerate(zip(subject_pos, prediction_us)):
-        start, end = offsets[pos], offsets[pos + 1]
-        # Only sets at or before the prediction time reach the model.
-        n_sets[i] = np.searchsorted(set_time[start:end], cutoff, side="right")
+    subject_pos = by_id[np.searchsorted(cache_ids, label_subject, sorter=by_id)]
+    offsets = np.asarray(arrays["subject_offsets"])
+    # Only sets at or before the prediction time reach the model.
+    n_sets = _count_sets_until(arrays["set_time_us"], offsets[subject_pos], offsets[subject_pos + 1], prediction_us)
 
     report.n_labels = len(value)
     report.n_positive_labels = int(value.sum())
@@ -336,6 +396,98 @@ def _pack_labels(labels: pa.Table, split_ids: np.ndarray, arrays: dict, report: 
         "value": value,
         "prediction_time_us": prediction_us.astype(np.int64),
     }
+
+
+def _count_sets_until(set_time: np.ndarray, start: np.ndarray, end: np.ndarray, cutoff: np.ndarray) -> np.ndarray:
+    """Count, for each row, the sets in [start, end) with time <= cutoff; times within each range are sorted.
+
+    A vectorised binary search: every row halves its range once per step.
+    """
+    low, high = start.astype(np.int64), end.astype(np.int64)
+    while True:
+        active = low < high
+        if not active.any():
+            return low - start
+        middle = (low + high) // 2
+        at_or_before = np.zeros(len(low), dtype=bool)
+        at_or_before[active] = np.asarray(set_time[middle[active]]) <= cutoff[active]
+        low = np.where(active & at_or_before, middle + 1, low)
+        high = np.where(active & ~at_or_before, middle, high)
+
+
+class _NpyAppender:
+    """A 1-D .npy file written by appending; the header is rewritten with the final length on close.
+
+    numpy pads every .npy header with room for a length of up to 21 digits, so
+    the rewritten header has the same size as the first one.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.length = 0
+        self.file = open(path, "wb")
+        self.data_start = self._write_header()
+
+    def _write_header(self) -> int:
+        self.file.seek(0)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.length,)}
+        np.lib.format.write_array_header_1_0(self.file, header)
+        return self.file.tell()
+
+    def append(self, array: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        self.length += len(array)
+
+    def close(self) -> None:
+        if self._write_header() != self.data_start:
+            raise RuntimeError(f"{self.file.name}: the .npy header changed size when its length was written")
+        self.file.close()
+
+
+ARRAY_DTYPES = {
+    "codes": np.int32,
+    "values": np.float32,
+    "has_value": np.bool_,
+    "set_offsets": np.int64,
+    "set_hours": np.float32,
+    "set_time_us": np.int64,
+    "subject_offsets": np.int64,
+    "subject_ids": np.int64,
+}
+
+
+class _SplitWriter:
+    """Appends packed chunks of whole subjects to the arrays of one split, shifting their offsets."""
+
+    def __init__(self, out: Path) -> None:
+        self.files = {name: _NpyAppender(out / f"{name}.npy", ARRAY_DTYPES[name]) for name in ARRAY_NAMES}
+        self.n_events = 0
+        self.n_sets = 0
+        self.files["set_offsets"].append(np.zeros(1, dtype=np.int64))
+        self.files["subject_offsets"].append(np.zeros(1, dtype=np.int64))
+
+    def __enter__(self) -> "_SplitWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for appender in self.files.values():
+            appender.close()
+
+    def append(self, arrays: dict) -> None:
+        for name in ("codes", "values", "has_value", "set_hours", "set_time_us", "subject_ids"):
+            self.files[name].append(arrays[name])
+        self.files["set_offsets"].append(arrays["set_offsets"][1:] + self.n_events)
+        self.files["subject_offsets"].append(arrays["subject_offsets"][1:] + self.n_sets)
+        self.n_events += int(arrays["set_offsets"][-1])
+        self.n_sets += int(arrays["subject_offsets"][-1])
+
+    def append_empty_subjects(self, subject_ids: np.ndarray) -> None:
+        self.files["subject_ids"].append(subject_ids)
+        self.files["subject_offsets"].append(np.full(len(subject_ids), self.n_sets, dtype=np.int64))
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES}
 
 
 class SplitCache:

@@ -15,6 +15,7 @@ expected and what was found.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import meds
@@ -107,11 +108,37 @@ def read_events(path: Path, subject_ids: pa.Array | None = None) -> pa.Table:
     Timezone-aware times are converted to naive UTC, which is what MEDS stores.
     A missing `numeric_value` column is added as nulls.
     """
-    schema = pq.read_schema(path) if path.exists() else None
-    if schema is None:
+    columns = _event_columns_of(path)
+    return _normalise_events(_read_parquet(path, columns=columns), path, subject_ids)
+
+
+def iter_events(path: Path, subject_ids: pa.Array | None = None, batch_rows: int = 1_000_000) -> Iterator[pa.Table]:
+    """Read one MEDS data shard in tables of at most `batch_rows` rows, checked and filtered as in `read_events`.
+
+    Only one batch of the shard is in memory at a time.
+    """
+    columns = _event_columns_of(path)
+    try:
+        parquet_file = pq.ParquetFile(path)
+        for batch in parquet_file.iter_batches(batch_size=batch_rows, columns=columns):
+            yield _normalise_events(pa.Table.from_batches([batch]), path, subject_ids)
+    except (pa.ArrowInvalid, OSError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(f"{path}: cannot read parquet ({first_line}); rewrite or remove the file") from None
+
+
+def _event_columns_of(path: Path) -> list[str]:
+    if not path.exists():
         raise UserInputError(f"{path}: file not found")
-    columns = [c for c in EVENT_COLUMNS if c in schema.names]
-    table = _read_parquet(path, columns=columns)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(f"{path}: cannot read parquet ({first_line}); rewrite or remove the file") from None
+    return [c for c in EVENT_COLUMNS if c in schema.names]
+
+
+def _normalise_events(table: pa.Table, path: Path, subject_ids: pa.Array | None) -> pa.Table:
     time_index = table.schema.get_field_index("time")
     if time_index >= 0:
         time_type = table.schema.field(time_index).type
