@@ -43,7 +43,7 @@ from seqsetvae.preprocess import Preprocessor, fit_streaming
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 US_PER_HOUR = 3_600_000_000
 ARRAY_NAMES = (
     "codes",
@@ -65,23 +65,41 @@ READ_BATCH_ROWS = 262_144
 
 @dataclass
 class SplitReport:
-    """What building one split kept, capped, dropped and mapped. Counts only, no identifiers."""
+    """What building one split kept, capped, dropped and mapped. Counts only, no identifiers.
+
+    Attributes:
+        n_subjects_static_only: Subjects whose only events are static; they get one set at time 0.
+        values_clipped_per_code: Values outside their code's train-split clip bounds, by code.
+        n_subjects_cut_by_max_sets: Subjects with more sets than max_sets; pretraining sees their latest max_sets.
+        n_sets_cut_by_max_sets: Sets of those subjects that pretraining does not see.
+        n_labels_cut_by_max_sets: Labels with more than max_sets sets before the prediction time.
+        n_labels_without_sets: Labels with no set at or before the prediction time; they are
+            predicted from the prior alone.
+        n_labels_outside_split: Labels whose subject is in no split of the subject splits; they are dropped.
+        n_duplicate_labels_dropped: Exact repeats of (subject, prediction time, value).
+    """
 
     n_subjects: int = 0
     n_subjects_without_events: int = 0
+    n_subjects_static_only: int = 0
     n_events: int = 0
     n_sets: int = 0
     n_events_capped: int = 0
     n_sets_over_cap: int = 0
+    n_subjects_cut_by_max_sets: int = 0
+    n_sets_cut_by_max_sets: int = 0
     n_nonfinite_dropped: int = 0
     n_duplicates_dropped: int = 0
     n_unknown_code_events: int = 0
     n_values_clipped: int = 0
+    values_clipped_per_code: dict = field(default_factory=dict)
     n_static_events: int = 0
     n_labels: int = 0
     n_positive_labels: int = 0
     n_labels_without_sets: int = 0
+    n_labels_cut_by_max_sets: int = 0
     n_labels_outside_split: int = 0
+    n_duplicate_labels_dropped: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -124,14 +142,18 @@ def ensure_cache(
     data_config: DataConfig,
     preprocessor: Preprocessor,
     splits: tuple[str, ...] = meds_io.SPLITS,
+    required: tuple[str, ...] = (),
 ) -> dict[str, SplitReport]:
     """Build each split of `splits` unless an identical cached one exists; return the per-split reports.
 
-    Splits with no subjects in the subject splits are skipped. Each split is
-    built in a staging directory and renamed into place, so an interrupted
-    build leaves the previous cache intact.
+    Splits with no subjects in the subject splits are skipped, unless they are
+    in `required`, which raises `UserInputError` before anything is built.
+    Each split is built in a staging directory and renamed into place, so an
+    interrupted build leaves the previous cache intact.
     """
     root = meds_io.check_meds_root(meds_root)
+    for split in required:
+        meds_io.split_subject_ids(root, split)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     reports = {}
@@ -151,7 +173,9 @@ def ensure_cache(
             _replace_dir(staging / split, cache / split)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    (cache / "preprocessor.json").write_text(json.dumps(preprocessor.to_dict()))
+    temporary = cache / "preprocessor.json.tmp"
+    temporary.write_text(json.dumps(preprocessor.to_dict()))
+    temporary.replace(cache / "preprocessor.json")
     return reports
 
 
@@ -176,7 +200,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 def _log_report(split: str, report: SplitReport) -> None:
     logger.info(
         "Split '%s': %d subjects, %d sets, %d events; capped %d events in %d sets; dropped %d non-finite, "
-        "%d duplicate; %d unknown-code events; %d values clipped",
+        "%d duplicate; %d unknown-code events; %d values clipped in %d codes (per code in report.json)",
         split,
         report.n_subjects,
         report.n_sets,
@@ -187,7 +211,30 @@ def _log_report(split: str, report: SplitReport) -> None:
         report.n_duplicates_dropped,
         report.n_unknown_code_events,
         report.n_values_clipped,
+        len(report.values_clipped_per_code),
     )
+    logger.info(
+        "Split '%s': %d subjects without events, %d with static events only; %d subjects have more than "
+        "max_sets sets (%d older sets unseen in pretraining)",
+        split,
+        report.n_subjects_without_events,
+        report.n_subjects_static_only,
+        report.n_subjects_cut_by_max_sets,
+        report.n_sets_cut_by_max_sets,
+    )
+    if report.n_labels or report.n_labels_outside_split:
+        logger.info(
+            "Split '%s': %d labels (%d positive); %d predicted from the prior alone (no set before the prediction "
+            "time), %d with more than max_sets earlier sets; dropped %d duplicate labels and %d labels of "
+            "subjects in no split",
+            split,
+            report.n_labels,
+            report.n_positive_labels,
+            report.n_labels_without_sets,
+            report.n_labels_cut_by_max_sets,
+            report.n_duplicate_labels_dropped,
+            report.n_labels_outside_split,
+        )
 
 
 def _build_split(
@@ -223,12 +270,23 @@ def _build_split(
                 "Split '%s': tensorised shard %d/%d (%d events so far)", split, shard_number, len(files), writer.n_events
             )
         writer.append_empty_subjects(split_ids[~seen])
+    if writer.n_events == 0:
+        raise UserInputError(
+            f"{files[0].parent}: none of the {len(split_ids)} subjects of split '{split}' has events in its "
+            f"{len(files)} parquet file(s); check that metadata/subject_splits.parquet and data/ describe the same subjects"
+        )
     report.n_subjects = len(split_ids)
     report.n_subjects_without_events = int((~seen).sum())
+    arrays = _load_arrays(out)
+    sets_per_subject = np.diff(arrays["subject_offsets"])
+    report.n_subjects_cut_by_max_sets = int((sets_per_subject > data_config.max_sets).sum())
+    report.n_sets_cut_by_max_sets = int(np.maximum(sets_per_subject - data_config.max_sets, 0).sum())
 
     labels = meds_io.read_labels(root, data_config.task) if _has_labels(root, data_config.task) else None
     if labels is not None:
-        label_arrays = _pack_labels(labels, _load_arrays(out), report)
+        all_ids = meds_io.read_subject_splits(root).column("subject_id")
+        labels = _drop_labels_outside_splits(labels, all_ids, root, data_config.task, report)
+        label_arrays = _pack_labels(labels, arrays, data_config.max_sets, report)
         label_dir = out / f"labels_{data_config.task}"
         label_dir.mkdir()
         for name, array in label_arrays.items():
@@ -297,7 +355,10 @@ def _tensorise(events: pa.Table, data_config: DataConfig, preprocessor: Preproce
     subject, time, codes_all, value = subject[unique], time[unique], codes_all[unique], value[unique]
 
     report.n_unknown_code_events += int((codes_all == 1).sum())
-    report.n_values_clipped += preprocessor.count_clipped(codes_all, value)
+    clipped = preprocessor.count_clipped_per_code(codes_all, value)
+    report.n_values_clipped += sum(clipped.values())
+    for code, count in clipped.items():
+        report.values_clipped_per_code[code] = report.values_clipped_per_code.get(code, 0) + count
     values, has_value = preprocessor.normalise(codes_all, value)
     return _pack(np.unique(subject), subject, time, codes_all, values, has_value, data_config, report)
 
@@ -322,6 +383,7 @@ def _time_with_static_filled(events: pa.Table, subject: np.ndarray, report: Spli
         ids, inverse = np.unique(subject, return_inverse=True)
         first = np.full(len(ids), big, dtype=np.int64)
         np.minimum.at(first, inverse[~null_time], time[~null_time])
+        report.n_subjects_static_only += int((first == big).sum())
         first[first == big] = 0
         time = np.where(null_time, first[inverse], time)
     return time
@@ -369,8 +431,29 @@ def _pack(subject_ids, subject, time, codes, values, has_value, data_config, rep
     }
 
 
-def _pack_labels(labels: pa.Table, arrays: dict, report: SplitReport) -> dict:
-    """Map each label to its subject's position in the cache and to the number of its sets at or before the prediction time."""
+def _drop_labels_outside_splits(
+    labels: pa.Table, all_ids: pa.ChunkedArray, root: Path, task: str, report: SplitReport
+) -> pa.Table:
+    """Drop and count the labels whose subject is in no split; raise if that is every label."""
+    known = pc.is_in(labels.column("subject_id"), value_set=all_ids.combine_chunks())
+    n_outside = labels.num_rows - int(pc.sum(known).as_py() or 0)
+    if n_outside and n_outside == labels.num_rows:
+        examples = ", ".join(str(i) for i in labels.column("subject_id").slice(0, 3).to_pylist())
+        files = ", ".join(str(p) for p in meds_io.label_files(root, task))
+        raise UserInputError(
+            f"{files}: none of the {labels.num_rows} labels of task '{task}' names a subject of "
+            f"{root / meds_io.meds.subject_splits_filepath} (first subject_id values: {examples}); "
+            "pass the labels of this dataset"
+        )
+    report.n_labels_outside_split = n_outside
+    return labels.filter(known)
+
+
+def _pack_labels(labels: pa.Table, arrays: dict, max_sets: int, report: SplitReport) -> dict:
+    """Map each label to its subject's position in the cache and to the number of its sets at or before the prediction time.
+
+    Exact repeats of a label are dropped and counted.
+    """
     cache_ids = np.asarray(arrays["subject_ids"])
     by_id = np.argsort(cache_ids)
     label_subject = labels.column("subject_id").to_numpy()
@@ -380,8 +463,14 @@ def _pack_labels(labels: pa.Table, arrays: dict, report: SplitReport) -> dict:
     prediction_us = labels.column("prediction_time").cast(pa.int64()).to_numpy()
     value = labels.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool)
 
-    order = np.lexsort((prediction_us, label_subject))
+    order = np.lexsort((value, prediction_us, label_subject))
     label_subject, prediction_us, value = label_subject[order], prediction_us[order], value[order]
+    repeat = np.zeros(len(order), dtype=bool)
+    repeat[1:] = (
+        (label_subject[1:] == label_subject[:-1]) & (prediction_us[1:] == prediction_us[:-1]) & (value[1:] == value[:-1])
+    )
+    report.n_duplicate_labels_dropped = int(repeat.sum())
+    label_subject, prediction_us, value = label_subject[~repeat], prediction_us[~repeat], value[~repeat]
     subject_pos = by_id[np.searchsorted(cache_ids, label_subject, sorter=by_id)]
     offsets = np.asarray(arrays["subject_offsets"])
     # Only sets at or before the prediction time reach the model.
@@ -390,6 +479,7 @@ def _pack_labels(labels: pa.Table, arrays: dict, report: SplitReport) -> dict:
     report.n_labels = len(value)
     report.n_positive_labels = int(value.sum())
     report.n_labels_without_sets = int((n_sets == 0).sum())
+    report.n_labels_cut_by_max_sets = int((n_sets > max_sets).sum())
     return {
         "subject_pos": subject_pos.astype(np.int64),
         "n_sets": n_sets,

@@ -206,7 +206,7 @@ def cmd_evaluate(values: dict[str, Any]) -> int:
 
     _require(values, "model", "data", "out")
     metrics = evaluate(
-        values["model"], values["data"], values.get("split", "held_out"), values["out"], values.get("cache_dir"), values.get("task")
+        values["model"], values["data"], values.get("split") or "held_out", values["out"], values.get("cache_dir"), values.get("task")
     )
     print(json.dumps(metrics, indent=2))
     return 0

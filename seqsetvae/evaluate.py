@@ -86,6 +86,7 @@ def evaluate(
     labels = split_cache.labels["value"].astype(bool)
     metrics = binary_metrics(probabilities, labels)
     metrics["split"] = split
+    metrics["n_unknown_code_events"] = reports[split].n_unknown_code_events
 
     subject_ids = np.asarray(split_cache.subject_ids)[split_cache.labels["subject_pos"]]
     table = pa.table(

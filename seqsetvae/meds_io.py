@@ -22,7 +22,7 @@ import meds
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from flexible_schema.exceptions import SchemaValidationError
+from flexible_schema.exceptions import SchemaValidationError, TableValidationError
 
 from seqsetvae.errors import UserInputError
 
@@ -57,11 +57,24 @@ def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
         raise UserInputError(f"{path}: missing column {error}; expected columns {columns}") from None
 
 
+# The columns of each MEDS table, as the one-line schema errors state them.
+EXPECTED_COLUMNS = {
+    "DataSchema": "subject_id int64, time timestamp[us] (null for static events), code string (not null), "
+    "numeric_value float32 (nullable)",
+    "SubjectSplitSchema": "subject_id int64, split string",
+    "LabelSchema": "subject_id int64, prediction_time timestamp[us], boolean_value bool, none of them null",
+}
+
+
 def _align(schema: type, table: pa.Table, path: Path) -> pa.Table:
     try:
         return schema.align(table)
-    except SchemaValidationError as error:
-        raise UserInputError(f"{path}: invalid {schema.__name__}: {error}") from None
+    except (SchemaValidationError, TableValidationError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(
+            f"{path}: invalid MEDS {schema.__name__} ({first_line}); expected columns "
+            f"{EXPECTED_COLUMNS.get(schema.__name__, 'of the MEDS schema')}; rewrite the file with these columns"
+        ) from None
 
 
 def read_subject_splits(root: Path) -> pa.Table:
@@ -149,7 +162,10 @@ def _normalise_events(table: pa.Table, path: Path, subject_ids: pa.Array | None)
     table = table.select(list(EVENT_COLUMNS))
     null_codes = table.column("code").null_count
     if null_codes:
-        raise UserInputError(f"{path}: column 'code' has {null_codes} null values; every event needs a code")
+        raise UserInputError(
+            f"{path}: column 'code' has {null_codes} null values; every event needs a code, "
+            "so give those rows a code or remove them"
+        )
     if subject_ids is not None:
         table = table.filter(pc.is_in(table.column("subject_id"), value_set=subject_ids))
     return table

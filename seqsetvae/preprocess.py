@@ -83,6 +83,10 @@ class Preprocessor:
 
     def count_clipped(self, indices: np.ndarray, values: np.ndarray) -> int:
         """Count values outside their code's clip bounds."""
+        return sum(self.count_clipped_per_code(indices, values).values())
+
+    def count_clipped_per_code(self, indices: np.ndarray, values: np.ndarray) -> dict[str, int]:
+        """Return the number of values outside the clip bounds of each code, for codes with at least one."""
         table_index = indices.astype(np.int64) - N_SPECIAL_CODES
         known = (table_index >= 0) & np.isfinite(values)
         safe_index = np.where(known, table_index, 0)
@@ -90,7 +94,8 @@ class Preprocessor:
         upper = np.asarray(self.upper)[safe_index]
         with np.errstate(invalid="ignore"):
             outside = known & ((values < lower) | (values > upper))
-        return int(outside.sum())
+        counts = np.bincount(table_index[outside], minlength=len(self.codes))
+        return {self.codes[i]: int(counts[i]) for i in np.flatnonzero(counts)}
 
     def to_dict(self) -> dict:
         return {
