@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import lightning.pytorch as pl
@@ -215,13 +216,29 @@ def _replace_tree(source: Path, target: Path) -> None:
     staging.replace(target)
 
 
+def _trial_number(result) -> int | None:
+    """Return the trial's index in the order the searcher suggested it, counted from 1.
+
+    Tune names each trial directory `<trainable>_<trial_id>_<index>_<parameters>_<date>`.
+    """
+    trial_id = (result.metrics or {}).get("trial_id")
+    name = PurePosixPath(str(result.path)).name
+    match = re.match(rf"{head_trial.__name__}_{re.escape(trial_id)}_(\d+)_", name) if trial_id else None
+    if match is None:
+        logger.warning("Trial directory %s does not carry a trial number", name)
+        return None
+    return int(match.group(1))
+
+
 def _write_trial_table(results, path: Path) -> None:
     rows = []
     for result in results:
-        row = {f"config/{k}": v for k, v in (result.config or {}).items()}
+        row = {"trial_number": _trial_number(result), "trial_id": (result.metrics or {}).get("trial_id")}
+        row.update({f"config/{k}": v for k, v in (result.config or {}).items()})
         history = result.metrics_dataframe
         best = float(history[METRIC].max()) if history is not None and METRIC in history else float("nan")
         row.update({"best_val_auprc": best, "epochs": len(history) if history is not None else 0})
         row["status"] = "ERROR" if result.error else "TERMINATED"
         rows.append(row)
-    pd.DataFrame(rows).sort_values("best_val_auprc", ascending=False).to_csv(path, index=False)
+    table = pd.DataFrame(rows).astype({"trial_number": "Int64"})
+    table.sort_values("best_val_auprc", ascending=False).to_csv(path, index=False)
