@@ -110,9 +110,10 @@ class PretrainConfig:
     precision: str = option("32-true", "Lightning precision, for example 32-true or bf16-mixed")
     run_name: str = option("pretrain", "Ray Train run name; running again with the same name resumes it")
     dataloader_workers: int = option(0, "DataLoader worker processes per Ray worker")
+    log_every_n_steps: int = option(10, "optimiser steps between training metrics written to TensorBoard")
 
     def __post_init__(self) -> None:
-        _check_positive(self, "max_epochs", "batch_size", "num_workers")
+        _check_positive(self, "max_epochs", "batch_size", "num_workers", "log_every_n_steps")
         if self.cpus_per_worker < 0:
             raise UserInputError(f"cpus_per_worker: expected 0 (automatic) or a positive count, got {self.cpus_per_worker}")
         if self.lr <= 0 or self.beta < 0 or self.free_bits < 0 or self.beta_warmup_steps < 0:

@@ -18,6 +18,7 @@ from seqsetvae.encoder import PretrainedEncoder
 from seqsetvae.export import export_model
 from seqsetvae.lit import FinetuneModule
 from seqsetvae.preprocess import Preprocessor
+from seqsetvae.training_log import TENSORBOARD_DIR, tensorboard_logger
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ def run_finetune(
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=False,
-        logger=False,
+        logger=tensorboard_logger(out / TENSORBOARD_DIR),
+        # An epoch of the head is only a few batches, so every step is logged.
+        log_every_n_steps=1,
         num_sanity_val_steps=0,
     )
     logger.info("Finetuning the head for %d epochs", finetune_config.max_epochs)

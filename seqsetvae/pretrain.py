@@ -22,6 +22,7 @@ from seqsetvae.lit import PretrainModule
 from seqsetvae.preprocess import Preprocessor
 from seqsetvae.ray_utils import cpus_per_worker, ddp_backend, init_ray, lightning_accelerator
 from seqsetvae.storage import resolve_storage
+from seqsetvae.training_log import TENSORBOARD_DIR, tensorboard_logger
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        logger=False,
+        # Lightning writes the event files from rank 0 only.
+        logger=tensorboard_logger(loop_config["tensorboard_dir"]),
+        log_every_n_steps=train_config.log_every_n_steps,
         gradient_clip_val=1.0,
     )
     trainer = prepare_trainer(trainer)
@@ -135,6 +138,8 @@ def run_pretraining(
         "model_config": asdict(model_config),
         "pretrain_config": asdict(train_config),
         "preprocessing": preprocessor.to_dict(),
+        # NOTE: rank 0 writes here, so on several nodes this path must be on a filesystem every node mounts.
+        "tensorboard_dir": str(out / TENSORBOARD_DIR),
     }
     storage_path = resolve_storage(storage, out / "ray_results")
     trainer = TorchTrainer(
