@@ -56,6 +56,8 @@ ARRAY_NAMES = (
     "subject_ids",
 )
 LABEL_ARRAY_NAMES = ("subject_pos", "n_sets", "value", "prediction_time_us")
+TRAINING_SPLITS = (meds_io.meds.train_split, meds_io.meds.tuning_split)
+"""The splits that pretraining, finetuning and the sweep train and validate on."""
 
 PREPARE_CHUNK_ROWS = 2_000_000
 """Events read and tensorised at a time; bounds the memory of fitting preprocessing and building the cache."""
@@ -143,17 +145,22 @@ def ensure_cache(
     preprocessor: Preprocessor,
     splits: tuple[str, ...] = meds_io.SPLITS,
     required: tuple[str, ...] = (),
+    need_labels: bool = False,
 ) -> dict[str, SplitReport]:
     """Build each split of `splits` unless an identical cached one exists; return the per-split reports.
 
     Splits with no subjects in the subject splits are skipped, unless they are
     in `required`, which raises `UserInputError` before anything is built.
-    Each split is built in a staging directory and renamed into place, so an
-    interrupted build leaves the previous cache intact.
+    With `need_labels`, a missing task raises before building, and a required
+    split without labels raises after it. Each split is built in a staging
+    directory and renamed into place, so an interrupted build leaves the
+    previous cache intact.
     """
     root = meds_io.check_meds_root(meds_root)
     for split in required:
         meds_io.split_subject_ids(root, split)
+    if need_labels:
+        meds_io.label_files(root, data_config.task)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     reports = {}
@@ -176,6 +183,13 @@ def ensure_cache(
     temporary = cache / "preprocessor.json.tmp"
     temporary.write_text(json.dumps(preprocessor.to_dict()))
     temporary.replace(cache / "preprocessor.json")
+    for split in required if need_labels else ():
+        if reports[split].n_labels == 0:
+            files = ", ".join(str(p) for p in meds_io.label_files(root, data_config.task))
+            raise UserInputError(
+                f"{files}: no label of task '{data_config.task}' names a subject of split '{split}' "
+                f"({reports[split].n_subjects} subjects); add labels for this split or pass another --task"
+            )
     return reports
 
 

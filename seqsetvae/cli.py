@@ -18,7 +18,15 @@ from typing import Any, Sequence
 
 import yaml
 
-from seqsetvae.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig, TuneConfig, from_dict
+from seqsetvae.config import (
+    DataConfig,
+    FinetuneConfig,
+    ModelConfig,
+    PretrainConfig,
+    ReportConfig,
+    TuneConfig,
+    from_dict,
+)
 from seqsetvae.errors import UserInputError
 
 logger = logging.getLogger("seqsetvae")
@@ -212,6 +220,33 @@ def cmd_evaluate(values: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_report(values: dict[str, Any]) -> int:
+    from seqsetvae.report.build import run_dirs_beside, write_report
+
+    _require(values, "model", "data", "out")
+    config = build_config(ReportConfig, values)
+    sweep_dir, pretrain_dir = run_dirs_beside(values["model"])
+    sweep_dir = values.get("sweep_dir") or sweep_dir
+    pretrain_dir = values.get("pretrain_dir") or pretrain_dir
+    for flag, directory in (("--sweep-dir", sweep_dir), ("--pretrain-dir", pretrain_dir)):
+        if directory is not None and not Path(directory).is_dir():
+            raise UserInputError(f"{flag} {directory}: directory not found; pass the directory that `seqsetvae run` wrote")
+    logger.info("Sweep directory: %s; pretraining directory: %s", sweep_dir or "none", pretrain_dir or "none")
+    write_report(
+        values["model"],
+        values["data"],
+        values.get("split") or "held_out",
+        values["out"],
+        config,
+        cache_dir=values.get("cache_dir"),
+        task=values.get("task"),
+        sweep_dir=sweep_dir,
+        pretrain_dir=pretrain_dir,
+    )
+    print(f"Report: {Path(values['out']).resolve() / 'report.md'}")
+    return 0
+
+
 def cmd_run(values: dict[str, Any]) -> int:
     from seqsetvae.pipeline import run_pipeline
     from seqsetvae.physionet import DEMO_DATA_DIR
@@ -340,6 +375,18 @@ def build_parser() -> Parser:
     evaluate.add_argument("--split", help="split to evaluate (default: held_out)")
     evaluate.add_argument("--task", help="label task (default: the one the model was trained on)")
     evaluate.add_argument("--out", help="output directory for metrics.json and predictions.parquet")
+
+    report = command("report", "write report.md, report.json and figures: the model beside a gradient-boosting baseline", cmd_report)
+    report.add_argument("--model", help="export directory written by run, tune or finetune")
+    _add_data_path(report)
+    report.add_argument("--split", help="split to report on (default: held_out); the threshold is always chosen on tuning")
+    report.add_argument("--task", help="label task (default: the one the model was trained on)")
+    report.add_argument("--out", help="output directory for report.md, report.json and the PNG figures")
+    report.add_argument("--sweep-dir", help="sweep directory with trials.csv (default: sweep/ next to --model, if present)")
+    report.add_argument(
+        "--pretrain-dir", help="pretraining directory with TensorBoard logs (default: pretrain/ next to --model, if present)"
+    )
+    add_config_options(report, ReportConfig)
 
     run = command("run", "run the whole job: cache, pretrain, sweep, export, evaluate", cmd_run)
     _add_data_path(run, required=False)

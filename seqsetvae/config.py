@@ -172,6 +172,32 @@ class TuneConfig:
         _check_positive(self, "num_samples", "max_concurrent_trials")
 
 
+@dataclass
+class ReportConfig:
+    """Settings of the evaluation report.
+
+    Attributes:
+        bootstrap_resamples: Resamples of the evaluated labels, drawn with replacement,
+            behind every confidence interval.
+        confidence_level: Coverage of the bootstrap percentile intervals.
+        report_seed: Seed of the bootstrap and of the gradient-boosting baseline.
+        calibration_bins: Equal-width probability bins of the calibration diagram.
+        baseline_max_codes: The baseline summarises this many of the most frequent
+            train-split codes, five features each.
+    """
+
+    bootstrap_resamples: int = option(1000, "bootstrap resamples behind each confidence interval")
+    confidence_level: float = option(0.95, "coverage of the bootstrap percentile confidence intervals, in (0, 1)")
+    report_seed: int = option(0, "seed of the bootstrap and of the gradient-boosting baseline")
+    calibration_bins: int = option(10, "number of equal-width probability bins in the calibration diagram")
+    baseline_max_codes: int = option(500, "most frequent train-split codes summarised as baseline features")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "bootstrap_resamples", "calibration_bins", "baseline_max_codes")
+        if not 0.0 < self.confidence_level < 1.0:
+            raise UserInputError(f"confidence_level: expected a value in (0, 1), got {self.confidence_level}")
+
+
 def _check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import torch
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_average_precision
 
-from seqsetvae import meds_io
 from seqsetvae.cache import SplitCache, ensure_cache
 from seqsetvae.data import SetSequenceDataset, make_loader
 from seqsetvae.export import load_export
@@ -76,8 +75,9 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
-    meds_io.split_subject_ids(meds_io.check_meds_root(meds_root), split)
-    reports = ensure_cache(meds_root, cache, data_config, model.preprocessor, splits=(split,))
+    reports = ensure_cache(
+        meds_root, cache, data_config, model.preprocessor, splits=(split,), required=(split,), need_labels=True
+    )
     if reports[split].n_unknown_code_events:
         logger.warning("%d events of split '%s' have codes unseen in training", reports[split].n_unknown_code_events, split)
 

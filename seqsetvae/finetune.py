@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 
-from seqsetvae.cache import SplitCache, ensure_cache
+from seqsetvae.cache import TRAINING_SPLITS, SplitCache, ensure_cache
 from seqsetvae.checkpoint import load_weights_only, pretrained_hparams
 from seqsetvae.config import DataConfig, FinetuneConfig
 from seqsetvae.data import SetSequenceDataModule
@@ -42,7 +42,7 @@ def run_finetune(
     hparams = pretrained_hparams(content, str(pretrained_ckpt))
     preprocessor = Preprocessor.from_dict(hparams["preprocessing"])
     cache = Path(cache_dir).resolve() if cache_dir else out / "cache"
-    ensure_cache(meds_root, cache, data_config, preprocessor)
+    ensure_cache(meds_root, cache, data_config, preprocessor, required=TRAINING_SPLITS, need_labels=True)
 
     train_labels = SplitCache(cache, "train", task=data_config.task).labels["value"]
     module = FinetuneModule(

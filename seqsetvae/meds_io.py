@@ -93,8 +93,9 @@ def split_subject_ids(root: Path, split: str) -> pa.Array:
     ids = table.filter(pc.equal(table.column("split"), split)).column("subject_id").combine_chunks()
     if len(ids) == 0:
         found = sorted(set(table.column("split").to_pylist()))
+        shown = f"{found[:10]}" if len(found) <= 10 else f"{found[:10]} and {len(found) - 10} more"
         raise UserInputError(
-            f"{root / meds.subject_splits_filepath}: split '{split}' has no subjects (splits found: {found}); "
+            f"{root / meds.subject_splits_filepath}: split '{split}' has no subjects (splits found: {shown}); "
             "choose another split or re-run `seqsetvae prepare`"
         )
     return ids

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from seqsetvae.cache import ensure_cache, fit_preprocessor
+from seqsetvae.meds_io import SPLITS
 from seqsetvae.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig, TuneConfig
 from seqsetvae.encoder import load_pretrained_encoder
 from seqsetvae.evaluate import evaluate
@@ -47,7 +48,8 @@ def run_pipeline(
 
     begin = stage("tensor cache", 1)
     preprocessor = fit_preprocessor(meds_root, data_config)
-    ensure_cache(meds_root, cache, data_config, preprocessor)
+    # Every split is checked here, so a missing held-out split fails before training and not at the end.
+    ensure_cache(meds_root, cache, data_config, preprocessor, required=SPLITS, need_labels=True)
     stage_seconds["cache"] = time.monotonic() - begin
 
     begin = stage("pretraining", 2)

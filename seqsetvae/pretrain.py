@@ -14,7 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from seqsetvae.cache import ensure_cache, fit_preprocessor
+from seqsetvae.cache import TRAINING_SPLITS, ensure_cache, fit_preprocessor
 from seqsetvae.checkpoint import load_weights_only, strip_wrapper_prefixes
 from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataModule
@@ -129,7 +129,7 @@ def run_pretraining(
     if preprocessor is None:
         logger.info("Fitting preprocessing on the train split")
         preprocessor = fit_preprocessor(meds_root, data_config)
-    ensure_cache(meds_root, cache, data_config, preprocessor)
+    ensure_cache(meds_root, cache, data_config, preprocessor, required=TRAINING_SPLITS)
 
     init_ray(address)
     loop_config = {

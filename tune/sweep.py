@@ -95,7 +95,7 @@ def encode_splits(
 ) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
     """Encode the labels of `splits` once with the frozen encoder, reusing features already written."""
     encoder = load_pretrained_encoder(pretrained_ckpt)
-    ensure_cache(meds_root, cache_dir, data_config, encoder.preprocessor)
+    ensure_cache(meds_root, cache_dir, data_config, encoder.preprocessor, required=splits, need_labels=True)
     # Features depend on the weights and on the cached inputs, so both name the file.
     ckpt_stat = Path(pretrained_ckpt).stat()
     features = {}

@@ -1,0 +1,1 @@
+"""The evaluation report: metrics with bootstrap intervals, a gradient-boosting baseline, and figures."""
