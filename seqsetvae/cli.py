@@ -34,6 +34,16 @@ logger = logging.getLogger("seqsetvae")
 # Options of `run` and `train` whose field names clash between stages get a prefix.
 FINETUNE_PREFIX = "finetune_"
 
+# The config classes of `run`, and the prefix of their options; `submit` forwards the same options.
+PIPELINE_CONFIGS = (
+    (DataConfig, ""),
+    (ModelConfig, ""),
+    (PretrainConfig, ""),
+    (FinetuneConfig, FINETUNE_PREFIX),
+    (TuneConfig, ""),
+    (ReportConfig, ""),
+)
+
 
 def _optional_float(text: str) -> float | None:
     if text.lower() in ("none", "null", ""):
@@ -87,7 +97,7 @@ def merged_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     values: dict[str, Any] = {}
     if cli.get("config"):
         values = load_yaml_config(cli["config"])
-        known = {action.dest for action in parser._subparser_for(args).actions}  # type: ignore[attr-defined]
+        known = {action.dest for action in parser._subparser_for(args)._actions}  # type: ignore[attr-defined]
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserInputError(
@@ -111,12 +121,27 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_ray(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="Ray cluster address to join, for example ray://host:10001; default starts Ray locally on 127.0.0.1")
+    parser.add_argument(
+        "--address", help="Ray cluster to join, for example auto on a cluster node; default starts Ray locally on 127.0.0.1"
+    )
+    _add_storage(parser)
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         help="where Ray keeps results and checkpoints: a local path or a URI (file://, s3://, gs://); "
         "multi-node runs need a URI or a shared filesystem (default: under --out)",
     )
+
+
+def _add_pipeline_options(parser: argparse.ArgumentParser, out_help: str, add_ray_options) -> None:
+    """Add the options of the whole pipeline, shared by `run` and `submit`."""
+    _add_data_path(parser, required=False)
+    parser.add_argument("--out", help=out_help)
+    add_ray_options(parser)
+    for cls, prefix in PIPELINE_CONFIGS:
+        add_config_options(parser, cls, prefix=prefix)
 
 
 def _add_data_path(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -268,6 +293,68 @@ def cmd_run(values: dict[str, Any]) -> int:
     return 0
 
 
+# Options of `submit`, besides the config fields, that the job receives; unset ones are left out.
+PIPELINE_OPTIONS = ("data", "cache_dir", "out", "storage", "log_level")
+
+
+def pipeline_arguments(values: dict[str, Any]) -> list[str]:
+    """Return the `run` options among `values` as command-line arguments for the job.
+
+    Values from --config are included, so the job needs no config file.
+    """
+    args: list[str] = []
+    for name in PIPELINE_OPTIONS:
+        if values.get(name) is not None:
+            args += ["--" + name.replace("_", "-"), str(values[name])]
+    for cls, prefix in PIPELINE_CONFIGS:
+        for name in (prefix + spec.name for spec in dataclasses.fields(cls)):
+            if name not in values:
+                continue
+            flag = "--" + name.replace("_", "-")
+            value = values[name]
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            else:
+                # A None config value is an optional number left unset, which the options spell "none".
+                args += [flag, "none" if value is None else str(value)]
+    return args
+
+
+def cmd_submit(values: dict[str, Any]) -> int:
+    from ray.job_submission import JobStatus
+
+    from seqsetvae.submit import check_job_paths, connect, follow_job, submit_pipeline
+
+    _require(values, "out")
+    args = pipeline_arguments(values)
+    check_job_paths(args)
+    client = connect(values.get("address"))
+    job_id = submit_pipeline(client, args, values.get("working_dir") or ".")
+    print(f"Submitted Ray job {job_id}", flush=True)
+    if values.get("no_wait"):
+        print(f"Follow it with: ray job logs --follow {job_id}")
+        return 0
+    try:
+        status = follow_job(client, job_id, lambda text: print(text, end="", flush=True))
+    except KeyboardInterrupt:
+        print(f"seqsetvae submit: stopped following; job {job_id} keeps running (`ray job stop {job_id}` ends it)", file=sys.stderr)
+        return 130
+    print(f"Ray job {job_id} finished with status {status}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def cmd_best(values: dict[str, Any]) -> int:
+    from seqsetvae.sweep_record import export_best
+
+    _require(values, "sweep", "export")
+    best = export_best(values["sweep"], values["export"])
+    print(f"Best checkpoint: {best.checkpoint}")
+    print(f"Best val/auprc {best.val_auprc:.4f}")
+    print(f"Best parameters: {json.dumps({key: best.params[key] for key in TUNED_KEYS if key in best.params})}")
+    print(f"Exported model: {best.export_dir}")
+    return 0
+
+
 def _fmt(value: Any) -> str:
     return "undefined" if value is None else f"{value:.4f}"
 
@@ -389,13 +476,19 @@ def build_parser() -> Parser:
     add_config_options(report, ReportConfig)
 
     run = command("run", "run the whole job: cache, pretrain, sweep, export, evaluate", cmd_run)
-    _add_data_path(run, required=False)
-    run.add_argument("--out", help="run directory")
-    _add_ray(run)
-    for cls in (DataConfig, ModelConfig, PretrainConfig):
-        add_config_options(run, cls)
-    add_config_options(run, FinetuneConfig, prefix=FINETUNE_PREFIX)
-    add_config_options(run, TuneConfig)
+    _add_pipeline_options(run, "run directory", _add_ray)
+
+    submit = command("submit", "submit the options of `run` as a Ray job to a running cluster and follow its logs", cmd_submit)
+    submit.add_argument(
+        "--address", help="dashboard address of the cluster, for example http://127.0.0.1:8265 (default: RAY_ADDRESS)"
+    )
+    submit.add_argument("--working-dir", default=".", help="checkout that Ray uploads for the job (default: .)")
+    submit.add_argument("--no-wait", action="store_true", default=None, help="print the job ID and return without following the job")
+    _add_pipeline_options(submit, "run directory on the cluster, an absolute path", _add_storage)
+
+    best = command("best", "export the best head of a finished sweep from its storage", cmd_best)
+    best.add_argument("--sweep", help="the --storage or --out of a finished tune or run: a local path or a URI (file://, s3://, gs://)")
+    best.add_argument("--export", help="export directory to write")
     return parser
 
 

@@ -83,6 +83,10 @@ class ModelConfig:
             )
 
 
+# Lightning precision settings that pretraining accepts.
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
 @dataclass
 class PretrainConfig:
     """Optimisation and Ray Train settings of pretraining.
@@ -102,12 +106,14 @@ class PretrainConfig:
     free_bits: float = option(0.05, "free bits: KL per latent dimension, in nats, below which it is not penalised")
     num_workers: int = option(1, "Ray Train workers (DDP processes)")
     cpus_per_worker: int = option(
-        0, "CPU cores reserved for each Ray Train worker; 0 divides the Ray cluster's CPUs among the workers"
+        0,
+        "CPU cores reserved for each Ray Train worker; 0 divides the Ray cluster's CPUs among the workers, "
+        "or reserves 1 per worker with --use-gpu",
     )
     use_gpu: bool = option(False, "train on one GPU per worker with NCCL; without it, CPU with gloo")
     max_failures: int = option(0, "worker-group restarts Ray Train allows before the run fails")
     seed: int = option(0, "random seed")
-    precision: str = option("32-true", "Lightning precision, for example 32-true or bf16-mixed")
+    precision: str = option("32-true", f"Lightning precision, one of {', '.join(PRECISIONS)}; 16-bit float needs --use-gpu")
     run_name: str = option("pretrain", "Ray Train run name; running again with the same name resumes it")
     dataloader_workers: int = option(0, "DataLoader worker processes per Ray worker")
     log_every_n_steps: int = option(10, "optimiser steps between training metrics written to TensorBoard")
@@ -116,6 +122,11 @@ class PretrainConfig:
         _check_positive(self, "max_epochs", "batch_size", "num_workers", "log_every_n_steps")
         if self.cpus_per_worker < 0:
             raise UserInputError(f"cpus_per_worker: expected 0 (automatic) or a positive count, got {self.cpus_per_worker}")
+        if self.precision not in PRECISIONS:
+            raise UserInputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision.startswith("16-") and not self.use_gpu:
+            # Lightning turns 16-mixed into bf16-mixed on CPU with only a warning.
+            raise UserInputError(f"precision: {self.precision} needs --use-gpu; on CPU use bf16-mixed or 32-true")
         if self.lr <= 0 or self.beta < 0 or self.free_bits < 0 or self.beta_warmup_steps < 0:
             raise UserInputError(
                 "lr must be positive and beta, free_bits and beta_warmup_steps non-negative, got "

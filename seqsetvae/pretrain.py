@@ -20,7 +20,7 @@ from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataModule
 from seqsetvae.lit import PretrainModule
 from seqsetvae.preprocess import Preprocessor
-from seqsetvae.ray_utils import cpus_per_worker, ddp_backend, init_ray, lightning_accelerator
+from seqsetvae.ray_utils import cpus_per_worker, ddp_backend, init_ray, lightning_accelerator, worker_resources
 from seqsetvae.storage import resolve_storage
 from seqsetvae.training_log import TENSORBOARD_DIR, tensorboard_logger
 
@@ -149,7 +149,10 @@ def run_pretraining(
         scaling_config=ScalingConfig(
             num_workers=train_config.num_workers,
             use_gpu=train_config.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker(train_config.cpus_per_worker, train_config.num_workers)},
+            resources_per_worker=worker_resources(
+                train_config.use_gpu,
+                cpus_per_worker(train_config.cpus_per_worker, train_config.num_workers, train_config.use_gpu),
+            ),
         ),
         run_config=RunConfig(
             name=train_config.run_name,

@@ -30,6 +30,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     logger.info("Starting a local Ray instance on %s", LOCAL_HOST)
     ray.init(
+        # "local" starts a new instance even when `ray start` left a cluster running on this machine.
+        address="local",
         num_cpus=num_cpus,
         # The dashboard serves Ray's state API, which Ray Train uses to watch its controller.
         include_dashboard=True,
@@ -49,13 +51,22 @@ def lightning_accelerator(use_gpu: bool) -> str:
     return "gpu" if use_gpu else "cpu"
 
 
-def cpus_per_worker(requested: int, num_workers: int) -> int:
-    """Return the CPUs each Ray Train worker reserves; 0 divides the cluster's CPUs evenly.
+def worker_resources(use_gpu: bool, cpus: int) -> dict[str, int]:
+    """Return the resources each Ray Train worker reserves: its CPUs, and one GPU with `use_gpu`."""
+    return {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
+
+
+def cpus_per_worker(requested: int, num_workers: int, use_gpu: bool = False) -> int:
+    """Return the CPUs each Ray Train worker reserves; 0 divides the cluster's CPUs evenly on CPU runs.
 
     Ray sets each worker's torch thread count from this, so on a small machine
     one worker with every core trains as fast as several workers with one each.
+    A GPU worker reserves 1 CPU unless asked for more: a share of the whole
+    cluster's CPUs could exceed the CPUs of one GPU node, and then no node fits the worker.
     """
     if requested > 0:
         return requested
+    if use_gpu:
+        return 1
     total = int(ray.cluster_resources().get("CPU", 1))
     return max(1, total // num_workers)

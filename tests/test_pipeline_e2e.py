@@ -119,3 +119,19 @@ def test_finetune_alias_runs_one_head(run_dir, small_meds, tmp_path):
     assert code == 0
     metrics = json.loads((tmp_path / "export" / "metrics.json").read_text())
     assert {"val/auroc", "val/auprc", "val/accuracy"} <= set(metrics)
+
+
+def test_best_export_from_run_directory(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    # Without --storage, the sweep's storage lies in the run directory.
+    code = main(["best", "--sweep", str(run_dir), "--export", str(tmp_path / "best")])
+    assert code == 0
+    for name in ("head.safetensors", "encoder.safetensors"):
+        exported = load_file(str(tmp_path / "best" / name))
+        expected = load_file(str(run_dir / "export" / name))
+        assert exported.keys() == expected.keys()
+        assert all((exported[key] == expected[key]).all() for key in expected)
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert config["finetune_config"] == summary["best_params"]

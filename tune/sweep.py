@@ -31,13 +31,13 @@ from seqsetvae.errors import UserInputError
 from seqsetvae.head import save_head, train_head
 from seqsetvae.ray_utils import init_ray
 from seqsetvae.storage import resolve_storage
+from seqsetvae.sweep_record import PARAMS_FILE, finish_record, start_record
 from tune.search_space import default_point, search_space
 
 logger = logging.getLogger(__name__)
 
 METRIC = "val/auprc"
 EXPERIMENT_NAME = "sweep"
-PARAMS_FILE = "params.json"
 SWEEP_INFO_FILE = "sweep.json"
 
 
@@ -157,6 +157,8 @@ def run_sweep(
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
         tuner = _new_tuner(trainable, finetune_config, tune_config, storage_path)
+    # The record and the encoder copy let `seqsetvae best` export from the storage alone.
+    start_record(experiment_path, pretrained_ckpt, data_config, finetune_config, METRIC)
     logger.info("Sweeping %d trials, %d at a time", tune_config.num_samples, tune_config.max_concurrent_trials)
     results = tuner.fit()
 
@@ -168,6 +170,7 @@ def run_sweep(
     with checkpoint.as_directory() as directory:
         _replace_tree(Path(directory), best_dir)
     saved = json.loads((best_dir / PARAMS_FILE).read_text())
+    finish_record(experiment_path, checkpoint.path, saved, len(results))
     _write_trial_table(results, out / "trials.csv")
     summary = SweepResult(
         best_params={**asdict(finetune_config), **saved["params"]},
@@ -178,7 +181,10 @@ def run_sweep(
         wall_seconds=time.monotonic() - start,
     )
     (out / SWEEP_INFO_FILE).write_text(
-        json.dumps({**asdict(summary), "pretrained_ckpt": str(Path(pretrained_ckpt).resolve())}, indent=2)
+        json.dumps(
+            {**asdict(summary), "pretrained_ckpt": str(Path(pretrained_ckpt).resolve()), "experiment": experiment_path},
+            indent=2,
+        )
     )
     return summary
 
