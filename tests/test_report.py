@@ -271,3 +271,14 @@ def test_trial_table_reads_as_written(trained):
     assert list(trials["trial_number"]) == [3, 1, 5, 2, 4, 6]
     assert trials["focal_alpha"].isna().sum() == 2
     assert pd.isna(trials.loc[trials["status"] == "ERROR", "best_val_auprc"]).all()
+
+
+def test_report_rejects_data_without_tuning(trained, tmp_path, capsys):
+    from conftest import make_meds_subset
+
+    meds = make_meds_subset(tmp_path / "meds", {"train": 20, "held_out": 20})
+    code = main(["report", "--model", str(trained / "export"), "--data", str(meds), "--out", str(tmp_path / "r")])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "split 'tuning' has no subjects" in error

@@ -134,8 +134,6 @@ def write_report(
     if task:
         data_config.task = task
     root = meds_io.check_meds_root(meds_root)
-    meds_io.split_subject_ids(root, split)
-    meds_io.split_subject_ids(root, THRESHOLD_SPLIT)
     if split == THRESHOLD_SPLIT:
         logger.warning("The report evaluates the split that chooses the threshold; its challenge score is optimistic")
     if split == meds_io.meds.train_split:
@@ -144,7 +142,11 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     evaluated_splits = tuple(dict.fromkeys((THRESHOLD_SPLIT, split)))
-    ensure_cache(root, cache, data_config, model.preprocessor, splits=evaluated_splits)
+    # The baseline reads the train split, so it is checked before any work starts.
+    meds_io.split_subject_ids(root, meds_io.meds.train_split)
+    ensure_cache(
+        root, cache, data_config, model.preprocessor, splits=evaluated_splits, required=evaluated_splits, need_labels=True
+    )
 
     logger.info("Predicting the labels of splits %s with the exported model", ", ".join(evaluated_splits))
     caches = {name: SplitCache(cache, name, task=data_config.task) for name in evaluated_splits}
