@@ -288,6 +288,7 @@ def cmd_run(values: dict[str, Any]) -> int:
         build_config(TuneConfig, values),
         address=values.get("address"),
         storage=values.get("storage"),
+        report_config=build_config(ReportConfig, values),
     )
     print(format_summary(summary))
     return 0
@@ -362,6 +363,7 @@ def _fmt(value: Any) -> str:
 def format_summary(summary: dict) -> str:
     """Return the end-of-run table shown by `seqsetvae run`."""
     held_out = summary["held_out"]
+    report = summary["report"]
     params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items() if k in TUNED_KEYS)
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items())
     rows = [
@@ -373,6 +375,9 @@ def format_summary(summary: dict) -> str:
         ("held-out labels", f"{held_out['n']} ({held_out['n_positive']} positive)"),
         ("exported model", summary["export_dir"]),
         ("predictions", str(Path(summary["evaluation_dir"]) / "predictions.parquet")),
+        ("baseline AUROC, AUPRC", f"{_fmt(report['baseline_auroc'])}, {_fmt(report['baseline_auprc'])}"),
+        ("challenge score", f"{_fmt(report['challenge_score'])} (baseline {_fmt(report['baseline_challenge_score'])})"),
+        ("report", report["path"]),
         ("summary", str(Path(summary["export_dir"]).parent / "summary.json")),
         ("wall time", f"{summary['total_seconds']:.0f} s ({seconds})"),
     ]
@@ -475,7 +480,7 @@ def build_parser() -> Parser:
     )
     add_config_options(report, ReportConfig)
 
-    run = command("run", "run the whole job: cache, pretrain, sweep, export, evaluate", cmd_run)
+    run = command("run", "run the whole job: cache, pretrain, sweep, export, evaluate, report", cmd_run)
     _add_pipeline_options(run, "run directory", _add_ray)
 
     submit = command("submit", "submit the options of `run` as a Ray job to a running cluster and follow its logs", cmd_submit)

@@ -1,4 +1,4 @@
-"""The whole job: cache, pretrain, sweep, export and evaluate, with a summary."""
+"""The whole job: cache, pretrain, sweep, export, evaluate and report, with a summary."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from pathlib import Path
 
 from seqsetvae.cache import ensure_cache, fit_preprocessor
 from seqsetvae.meds_io import SPLITS
-from seqsetvae.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig, TuneConfig
+from seqsetvae.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig, ReportConfig, TuneConfig
 from seqsetvae.encoder import load_pretrained_encoder
 from seqsetvae.evaluate import evaluate
 from seqsetvae.export import export_model
 from seqsetvae.head import HEAD_FILE, load_head_state
 from seqsetvae.pretrain import run_pretraining
+from seqsetvae.report.build import write_report
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+N_STAGES = 6
 
 
 def run_pipeline(
@@ -32,6 +34,7 @@ def run_pipeline(
     tune_config: TuneConfig,
     address: str | None = None,
     storage: str | None = None,
+    report_config: ReportConfig | None = None,
 ) -> dict:
     """Run every stage and write `<out_dir>/summary.json`; return the summary."""
     from tune.sweep import run_sweep  # the sweep entry point lives in the top-level tune package
@@ -43,7 +46,7 @@ def run_pipeline(
     start = time.monotonic()
 
     def stage(name: str, number: int) -> float:
-        logger.info("Stage %d/5: %s", number, name)
+        logger.info("Stage %d/%d: %s", number, N_STAGES, name)
         return time.monotonic()
 
     begin = stage("tensor cache", 1)
@@ -96,6 +99,20 @@ def run_pipeline(
     held_out = evaluate(export_dir, meds_root, "held_out", out / "evaluation", cache_dir=cache)
     stage_seconds["evaluate"] = time.monotonic() - begin
 
+    begin = stage("report", 6)
+    report_config = report_config or ReportConfig()
+    report = write_report(
+        export_dir,
+        meds_root,
+        "held_out",
+        out / "report",
+        report_config,
+        cache_dir=cache,
+        sweep_dir=out / "sweep",
+        pretrain_dir=out / "pretrain",
+    )
+    stage_seconds["report"] = time.monotonic() - begin
+
     summary = {
         "data": str(Path(meds_root).resolve()),
         "best_params": sweep.best_params,
@@ -107,6 +124,13 @@ def run_pipeline(
         "pretrain_best_val_loss": pretrained.best_val_loss,
         "sweep_dir": str(out / "sweep"),
         "evaluation_dir": str(out / "evaluation"),
+        "report": {
+            "path": str(out / "report" / "report.md"),
+            "challenge_score": report["challenge_score"],
+            "baseline_auroc": report["baseline"]["auroc"],
+            "baseline_auprc": report["baseline"]["auprc"],
+            "baseline_challenge_score": report["baseline"]["challenge_score"],
+        },
         "n_trials": sweep.n_trials,
         "stage_seconds": stage_seconds,
         "total_seconds": time.monotonic() - start,
@@ -116,6 +140,7 @@ def run_pipeline(
             "pretrain": asdict(pretrain_config),
             "finetune": asdict(finetune_config),
             "tune": asdict(tune_config),
+            "report": asdict(report_config),
         },
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -29,7 +29,7 @@ def run_dir(small_meds, ray_local, tmp_path_factory):
             "run", "--data", str(small_meds), "--out", str(out),
             "--max-epochs", "1", "--num-workers", "2", "--batch-size", "16", "--beta-warmup-steps", "5",
             "--num-samples", "3", "--max-concurrent-trials", "2", "--finetune-max-epochs", "4",
-            *SMALL_MODEL,
+            "--log-every-n-steps", "1", "--bootstrap-resamples", "100", *SMALL_MODEL,
         ]
     )  # fmt: skip
     assert code == 0
@@ -40,7 +40,7 @@ def test_summary_has_contract_keys(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"best_params", "val_auprc", "held_out", "export_dir", "stage_seconds"} <= set(summary)
     assert {"auroc", "auprc", "accuracy"} <= set(summary["held_out"])
-    assert set(summary["stage_seconds"]) == {"cache", "pretrain", "tune", "export", "evaluate"}
+    assert set(summary["stage_seconds"]) == {"cache", "pretrain", "tune", "export", "evaluate", "report"}
     assert 0.0 <= summary["val_auprc"] <= 1.0
     assert summary["n_trials"] == 3
 
@@ -62,6 +62,46 @@ def test_best_trial_is_chosen(run_dir):
     assert summary["val_auprc"] == pytest.approx(trials["best_val_auprc"].max(), abs=1e-6)
     for key in ("focal_gamma", "focal_alpha", "head_init", "head_lr"):
         assert key in summary["best_params"]
+
+
+def test_trial_numbers_follow_suggestion_order(run_dir):
+    trials = pd.read_csv(run_dir / "sweep" / "trials.csv")
+    assert sorted(trials["trial_number"]) == [1, 2, 3]
+    # The base config is evaluated first, as trial 1.
+    first = trials[trials["trial_number"] == 1].iloc[0]
+    assert first["config/focal_gamma"] == 2.0
+    assert first["config/head_init"] == "normal"
+    assert pd.isna(first["config/focal_alpha"])
+
+
+def test_every_stage_writes_tensorboard(run_dir):
+    from seqsetvae.report.training_curves import read_tensorboard_scalars
+
+    pretraining = read_tensorboard_scalars(run_dir / "pretrain" / "tensorboard")
+    assert {"train/recon_loss", "train/kl_loss", "train/beta", "val/active_units"} <= set(pretraining["tag"])
+    # Rank 0 logs each of its 5 optimiser steps, and validation once.
+    assert len(pretraining[pretraining["tag"] == "train/recon_loss"]) == 5
+    assert len(pretraining[pretraining["tag"] == "val/recon_loss"]) == 1
+    trial_logs = list((run_dir / "sweep" / "ray_results" / "sweep").glob("head_trial_*/events.out.tfevents.*"))
+    assert len(trial_logs) == 3
+    sweep = read_tensorboard_scalars(trial_logs[0].parent)
+    assert any(tag.endswith("val/auprc") for tag in sweep["tag"])
+
+
+def test_run_writes_report(run_dir):
+    from matplotlib.image import imread
+
+    from seqsetvae.report.figures import FIGURE_INCHES, figure_pixels
+
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["report"]["path"] == str(run_dir / "report" / "report.md")
+    assert report["auroc"] == pytest.approx(summary["held_out"]["auroc"], abs=1e-6)
+    assert report["baseline"]["auroc"] == summary["report"]["baseline_auroc"]
+    assert report["pretraining"]["source"] == "tensorboard"
+    assert report["sweep"]["n_trials"] == 3
+    for name in FIGURE_INCHES:
+        assert imread(run_dir / "report" / name).shape[:2] == figure_pixels(name), name
 
 
 def test_export_loads_without_ray(run_dir):
