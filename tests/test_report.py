@@ -282,3 +282,22 @@ def test_report_rejects_data_without_tuning(trained, tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "split 'tuning' has no subjects" in error
+
+
+def test_baseline_fits_with_few_positives(small_meds, caplog):
+    from seqsetvae.report.baseline import MIN_LABELS_FOR_EARLY_STOPPING, fit_baseline
+
+    events = read_split_events(small_meds, "train")
+    rows = meds_label_rows(small_meds, TASK, "train")
+    # Keep a single positive label, too few for a stratified early-stopping split.
+    first_positive = int(np.flatnonzero(rows.label)[0])
+    keep = ~rows.label
+    keep[first_positive] = True
+    few = LabelRows(rows.subject_id[keep], rows.prediction_time_us[keep], rows.label[keep])
+    with caplog.at_level("WARNING", logger="seqsetvae.report.baseline"):
+        baseline = fit_baseline(events, few, max_codes=50, seed=0)
+    assert baseline.info["early_stopping"] is False
+    assert f"fewer than {MIN_LABELS_FOR_EARLY_STOPPING}" in caplog.text
+    probabilities = baseline.predict(events, few)
+    assert probabilities.shape == (len(few),)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()

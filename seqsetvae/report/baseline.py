@@ -24,6 +24,9 @@ from seqsetvae.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 STATISTICS = ("last", "min", "max", "mean", "count")
+# Below this many train labels of either class the baseline trains without early stopping.
+MIN_LABELS_FOR_EARLY_STOPPING = 20
+ITERATIONS_WITHOUT_EARLY_STOPPING = 100
 # Static events have no time; this sentinel sorts them before every prediction time.
 STATIC_TIME_US = np.iinfo(np.int64).min
 
@@ -135,10 +138,21 @@ def fit_baseline(events: pd.DataFrame, labels: LabelRows, max_codes: int, seed: 
     features = summary_features(events, labels, codes)
     # A value statistic of a code that never has a value is NaN everywhere and carries nothing.
     columns = [name for name in features.columns if features[name].notna().any()]
+    # Early stopping holds out a stratified 10% of the train labels, which needs a few labels of each class.
+    smaller_class = int(min(labels.label.sum(), (~labels.label).sum()))
+    early_stopping = smaller_class >= MIN_LABELS_FOR_EARLY_STOPPING
+    if not early_stopping:
+        logger.warning(
+            "The train split has %d labels of its smaller class, fewer than %d: the baseline runs %d boosting "
+            "iterations without early stopping",
+            smaller_class,
+            MIN_LABELS_FOR_EARLY_STOPPING,
+            ITERATIONS_WITHOUT_EARLY_STOPPING,
+        )
     classifier = HistGradientBoostingClassifier(
         learning_rate=0.05,
-        max_iter=500,
-        early_stopping=True,
+        max_iter=500 if early_stopping else ITERATIONS_WITHOUT_EARLY_STOPPING,
+        early_stopping=early_stopping,
         validation_fraction=0.1,
         n_iter_no_change=20,
         random_state=seed,
@@ -146,6 +160,7 @@ def fit_baseline(events: pd.DataFrame, labels: LabelRows, max_codes: int, seed: 
     classifier.fit(features[columns].to_numpy(), labels.label.astype(int))
     info = {
         "model": "HistGradientBoostingClassifier",
+        "early_stopping": early_stopping,
         "n_codes": len(codes),
         "n_features": len(columns),
         "n_iterations": int(classifier.n_iter_),
