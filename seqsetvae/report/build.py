@@ -117,6 +117,46 @@ def score_models(
     return scored
 
 
+def predict_splits(
+    model, root: Path, cache: Path, task: str, splits: tuple[str, ...], config: ReportConfig
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, LabelRows], dict]:
+    """Return each model's probabilities per split, the label rows per split, and the baseline's description.
+
+    The model predicts from the tensor cache. The baseline is fitted on the
+    train split's MEDS events and predicts the same label rows as the model.
+    """
+    logger.info("Predicting the labels of splits %s with the exported model", ", ".join(splits))
+    caches = {name: SplitCache(cache, name, task=task) for name in splits}
+    rows = {name: cache_label_rows(caches[name]) for name in splits}
+    predictions = {"model": {name: predict_split(model, caches[name]) for name in splits}}
+
+    logger.info("Fitting the gradient-boosting baseline on the train split")
+    baseline = fit_baseline(
+        read_split_events(root, meds_io.meds.train_split),
+        meds_label_rows(root, task, meds_io.meds.train_split),
+        config.baseline_max_codes,
+        config.report_seed,
+    )
+    predictions["baseline"] = {name: baseline.predict(read_split_events(root, name), rows[name]) for name in splits}
+    return predictions, rows, baseline.info
+
+
+def draw_model_figures(
+    predictions: dict[str, np.ndarray], scored: dict, labels: np.ndarray, split: str, config: ReportConfig, out: Path
+) -> dict[str, str]:
+    """Draw the ROC, precision-recall and calibration figures of both models; return their file names."""
+    curves = {
+        name: {"probabilities": predictions[name], "label": MODEL_NAMES[name], "metrics": scored[name]}
+        for name in MODEL_NAMES
+    }
+    paths = [
+        figures.plot_roc(curves, labels, split, out),
+        figures.plot_precision_recall(curves, labels, split, out),
+        figures.plot_calibration(curves, labels, split, config.calibration_bins, out),
+    ]
+    return {path.stem: path.name for path in paths}
+
+
 def write_report(
     export_dir: str | Path,
     meds_root: str | Path,
@@ -148,46 +188,22 @@ def write_report(
         root, cache, data_config, model.preprocessor, splits=evaluated_splits, required=evaluated_splits, need_labels=True
     )
 
-    logger.info("Predicting the labels of splits %s with the exported model", ", ".join(evaluated_splits))
-    caches = {name: SplitCache(cache, name, task=data_config.task) for name in evaluated_splits}
-    model_predictions = {name: predict_split(model, caches[name]) for name in evaluated_splits}
-    rows = {name: cache_label_rows(caches[name]) for name in evaluated_splits}
-
-    logger.info("Fitting the gradient-boosting baseline on the train split")
-    baseline = fit_baseline(
-        read_split_events(root, meds_io.meds.train_split),
-        meds_label_rows(root, data_config.task, meds_io.meds.train_split),
-        config.baseline_max_codes,
-        config.report_seed,
-    )
-    baseline_predictions = {name: baseline.predict(read_split_events(root, name), rows[name]) for name in evaluated_splits}
-
+    predictions, rows, baseline_info = predict_splits(model, root, cache, data_config.task, evaluated_splits, config)
     scored = score_models(
-        {"model": model_predictions[split], "baseline": baseline_predictions[split]},
+        {name: predictions[name][split] for name in MODEL_NAMES},
         rows[split].label,
-        {"model": model_predictions[THRESHOLD_SPLIT], "baseline": baseline_predictions[THRESHOLD_SPLIT]},
+        {name: predictions[name][THRESHOLD_SPLIT] for name in MODEL_NAMES},
         rows[THRESHOLD_SPLIT].label,
         config,
     )
-    curves = {
-        name: {
-            "probabilities": {"model": model_predictions, "baseline": baseline_predictions}[name][split],
-            "label": MODEL_NAMES[name],
-            "metrics": scored[name],
-            "auroc_ci": scored[name]["auroc_ci"],
-            "auprc_ci": scored[name]["auprc_ci"],
-        }
-        for name in ("model", "baseline")
-    }
-    labels = rows[split].label
-    figure_paths = {
-        "roc": figures.plot_roc(curves, labels, split, out),
-        "precision_recall": figures.plot_precision_recall(curves, labels, split, out),
-        "calibration": figures.plot_calibration(curves, labels, split, config.calibration_bins, out),
-    }
-
+    figure_names = draw_model_figures(
+        {name: predictions[name][split] for name in MODEL_NAMES}, scored, rows[split].label, split, config, out
+    )
     sweep = sweep_insight(Path(sweep_dir), out, config.report_seed) if sweep_dir else None
     pretraining = pretraining_insight(Path(pretrain_dir), out) if pretrain_dir else None
+    for section in (sweep, pretraining):
+        for name in (section or {}).get("figures", []):
+            figure_names[Path(name).stem] = name
 
     report = {
         "split": split,
@@ -195,7 +211,7 @@ def write_report(
         "export_dir": str(Path(export_dir).resolve()),
         "data": str(root.resolve()),
         **scored["model"],
-        "baseline": {**scored["baseline"], "info": baseline.info},
+        "baseline": {**scored["baseline"], "info": baseline_info},
         "difference": scored["difference"],
         "bootstrap": {
             "resamples": config.bootstrap_resamples,
@@ -204,13 +220,10 @@ def write_report(
             "method": "percentile",
         },
         "config": asdict(config),
-        "figures": {name: path.name for name, path in figure_paths.items()},
+        "figures": figure_names,
         "sweep": {key: value for key, value in sweep.items() if key != "table_markdown"} if sweep else None,
         "pretraining": pretraining,
     }
-    for section in (sweep, pretraining):
-        for name in (section or {}).get("figures", []):
-            report["figures"][Path(name).stem] = name
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report, sweep))
     logger.info(

@@ -82,7 +82,7 @@ def plot_roc(curves: dict[str, dict], labels: np.ndarray, split: str, out_dir: P
     """Draw the ROC curve of every model, with its AUROC, interval and operating point.
 
     `curves` maps a model name to a dict with `probabilities`, `label` (legend
-    text), `metrics` (from `point_metrics`) and `auroc_ci`.
+    text) and `metrics` (from `score_models`, with intervals).
     """
     figure = new_figure("roc.png")
     axes = figure.add_subplot()
@@ -92,7 +92,7 @@ def plot_roc(curves: dict[str, dict], labels: np.ndarray, split: str, out_dir: P
         if metrics["auroc"] is None:
             continue
         fpr, tpr, _ = roc_curve(labels, curve["probabilities"])
-        text = _interval_text(metrics["auroc"], curve["auroc_ci"])
+        text = _interval_text(metrics["auroc"], metrics["auroc_ci"])
         axes.plot(fpr, tpr, color=COLORS[name], linewidth=1.8, label=f"{curve['label']}: AUROC {text}")
         if metrics["sensitivity"] is not None and metrics["specificity"] is not None:
             axes.plot(
@@ -118,7 +118,7 @@ def plot_precision_recall(curves: dict[str, dict], labels: np.ndarray, split: st
         if metrics["auprc"] is None:
             continue
         precision, recall, _ = precision_recall_curve(labels, curve["probabilities"])
-        text = _interval_text(metrics["auprc"], curve["auprc_ci"])
+        text = _interval_text(metrics["auprc"], metrics["auprc_ci"])
         axes.plot(
             recall, precision, drawstyle="steps-post", color=COLORS[name], linewidth=1.8,
             label=f"{curve['label']}: AUPRC {text}",
