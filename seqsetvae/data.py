@@ -14,10 +14,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from seqsetvae.batch import PAD_CODE
 from seqsetvae.cache import SplitCache
+from seqsetvae.sampling import ShardedBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,13 @@ class SetSequenceDataModule(pl.LightningDataModule):
 
     Pretraining reads whole subjects of the train and tuning splits. Finetuning
     reads labels of the task, each cut at its prediction time.
+
+    Under a data-parallel trainer the module shards the data itself, so the
+    trainer needs `use_distributed_sampler=False`. Training repeats a few
+    samples so that every rank runs the same number of steps. Validation gives
+    each sample to exactly one rank with the same number of batches on every
+    rank, some of them possibly empty, so validation metrics that are summed
+    across ranks count every sample once.
     """
 
     def __init__(
@@ -157,8 +165,36 @@ class SetSequenceDataModule(pl.LightningDataModule):
         cache = SplitCache(self.cache_dir, split, task=self.task)
         return SetSequenceDataset(cache, self.max_sets, labelled=self.task is not None)
 
+    def _world(self) -> tuple[int, int]:
+        """Return the world size and this process's rank; (1, 0) without a trainer."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.dataset(self.train_split), self.batch_size, True, self.num_workers, self.seed)
+        dataset = self.dataset(self.train_split)
+        world_size, rank = self._world()
+        if world_size == 1:
+            return make_loader(dataset, self.batch_size, True, self.num_workers, self.seed)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=dataset.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self.dataset(self.val_split), self.batch_size, False, self.num_workers, self.seed)
+        dataset = self.dataset(self.val_split)
+        world_size, rank = self._world()
+        if world_size == 1:
+            return make_loader(dataset, self.batch_size, False, self.num_workers, self.seed)
+        return DataLoader(
+            dataset,
+            batch_sampler=ShardedBatchSampler(len(dataset), self.batch_size, world_size, rank),
+            collate_fn=dataset.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

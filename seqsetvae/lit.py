@@ -9,12 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision
 
 from seqsetvae.checkpoint import map_encoder_state
 from seqsetvae.config import FinetuneConfig, ModelConfig, PretrainConfig
 from seqsetvae.losses import binary_focal_loss
-from seqsetvae.model.core import SeqSetVAE
+from seqsetvae.model.core import ACTIVE_UNIT_THRESHOLD, SeqSetVAE
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +39,89 @@ class PretrainModule(pl.LightningModule):
         fraction = 1.0 if warmup == 0 else min(1.0, self.global_step / warmup)
         return self.train_config.beta * fraction
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        beta = self.beta() if stage == "train" else self.train_config.beta
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        beta = self.beta()
         out = self.model(batch, beta=beta, free_bits=self.train_config.free_bits)
         batch_size = batch["codes"].shape[0]
-        sync = stage != "train"
-        self.log(f"{stage}/loss", out["loss"], batch_size=batch_size, prog_bar=True, sync_dist=sync)
-        self.log(f"{stage}/recon_loss", out["recon"], batch_size=batch_size, sync_dist=sync)
-        self.log(f"{stage}/kl_loss", out["kl_raw"], batch_size=batch_size, sync_dist=sync)
-        self.log(f"{stage}/beta", beta, batch_size=batch_size, sync_dist=sync)
+        self.log("train/loss", out["loss"], batch_size=batch_size, prog_bar=True)
+        self.log("train/recon_loss", out["recon"], batch_size=batch_size)
+        self.log("train/kl_loss", out["kl_raw"], batch_size=batch_size)
+        self.log("train/beta", beta, batch_size=batch_size)
         active = self.model.active_units(out["post_mu"].detach(), batch["set_mask"])
-        self.log(f"{stage}/active_units", active, batch_size=batch_size, sync_dist=sync)
+        self.log("train/active_units", active, batch_size=batch_size)
         return out["loss"]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = ValidationSums(self.model.config.latent_dim, self.device)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # A rank whose share of the split is smaller than its number of batches gets empty ones.
+        if batch["codes"].shape[0] == 0:
+            return
+        out = self.model(batch, beta=self.train_config.beta, free_bits=self.train_config.free_bits)
+        self._val_sums.add(out, batch["set_mask"])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics of the whole split, the same on every rank.
+
+        The per-rank sums are added across ranks before the losses are formed,
+        so each validation subject counts once and the result does not depend
+        on how the split was divided among ranks and batches. Free bits apply
+        to the split-mean KL of each dimension.
+        """
+        sums = self.trainer.strategy.reduce(self._val_sums.values, reduce_op="sum")
+        metrics = ValidationSums.metrics(sums, self.model.config.latent_dim, self.train_config.free_bits)
+        metrics["loss"] = metrics["recon_loss"] + self.train_config.beta * metrics["penalised_kl"]
+        metrics["beta"] = self.train_config.beta
+        for key in ("loss", "recon_loss", "kl_loss", "beta", "active_units"):
+            # The values are equal on every rank already; max keeps them unchanged.
+            self.log(f"val/{key}", float(metrics[key]), prog_bar=key == "loss", sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self):
         return torch.optim.AdamW(
             self.parameters(), lr=self.train_config.lr, weight_decay=self.train_config.weight_decay
         )
+
+
+class ValidationSums:
+    """Sums over the valid sets of one rank's validation batches.
+
+    `values` is a float64 vector. Its first three entries are the number of
+    sets and the set-weighted sums of the presence and value reconstruction
+    losses. Three blocks of Z follow: the set-weighted KL sum of each latent
+    dimension, and the sums of the posterior mean and of its square.
+    """
+
+    def __init__(self, latent_dim: int, device: torch.device) -> None:
+        self.values = torch.zeros(3 + 3 * latent_dim, dtype=torch.float64, device=device)
+
+    def add(self, out: dict[str, torch.Tensor], set_mask: torch.Tensor) -> None:
+        """Add one batch: `out` from SeqSetVAE.forward, `set_mask` [B, S]."""
+        n_sets = set_mask.sum().double()
+        means = out["post_mu"].detach()[set_mask].double()  # [M, Z]
+        parts = [
+            n_sets[None],
+            (out["recon_presence"].detach().double() * n_sets)[None],
+            (out["recon_value"].detach().double() * n_sets)[None],
+            out["kl_per_dim"].detach().double() * n_sets,
+            means.sum(dim=0),
+            means.pow(2).sum(dim=0),
+        ]
+        self.values += torch.cat(parts)
+
+    @staticmethod
+    def metrics(values: torch.Tensor, latent_dim: int, free_bits: float) -> dict[str, torch.Tensor]:
+        """Return the split-level losses in nats per set, and the fraction of active latent units."""
+        n_sets = values[0].clamp(min=1)
+        kl_sums, mean_sums, square_sums = values[3:].view(3, latent_dim)
+        kl_per_dim = kl_sums / n_sets
+        variance = square_sums / n_sets - (mean_sums / n_sets).pow(2)
+        return {
+            "recon_loss": (values[1] + values[2]) / n_sets,
+            "kl_loss": kl_per_dim.sum(),
+            "penalised_kl": kl_per_dim.clamp(min=free_bits).sum(),
+            "active_units": (variance > ACTIVE_UNIT_THRESHOLD).double().mean(),
+        }
 
 
 def init_head(head: nn.Linear, scheme: str, prevalence: float) -> None:
@@ -115,6 +176,10 @@ class FinetuneModule(pl.LightningModule):
         self.val_auroc = BinaryAUROC()
         self.val_auprc = BinaryAveragePrecision()
         self.val_accuracy = BinaryAccuracy()
+        self.val_loss = MeanMetric()
+        self.val_positives = SumMetric()
+        self.val_count = SumMetric()
+        self._warned_one_class = False
 
     def load_encoder_state(self, state: dict[str, torch.Tensor], origin: str) -> None:
         """Load pretrained encoder weights through the explicit key mapping, then freeze again.
@@ -167,20 +232,47 @@ class FinetuneModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        probabilities = torch.sigmoid(self(batch))
+        # A rank whose share of the split is smaller than its number of batches gets empty ones.
+        if batch["label"].numel() == 0:
+            return
+        logits = self(batch)
+        probabilities = torch.sigmoid(logits)
         target = batch["label"].long()
+        focal = binary_focal_loss(
+            logits, batch["label"], self.config.focal_gamma, self.config.focal_alpha, reduction="none"
+        )
         # Metric objects accumulate the whole split and sync across ranks in compute().
+        self.val_loss.update(focal)
+        self.val_positives.update(target.sum())
+        self.val_count.update(target.numel())
         self.val_auroc.update(probabilities, target)
         self.val_auprc.update(probabilities, target)
         self.val_accuracy.update(probabilities, target)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/auroc", self.val_auroc.compute(), prog_bar=True)
-        self.log("val/auprc", self.val_auprc.compute(), prog_bar=True)
+        """Log val/loss, val/accuracy and, when the labels have both classes, val/auroc and val/auprc.
+
+        With one class AUROC and AUPRC are undefined. They are logged as NaN,
+        with a warning at the first epoch, instead of the 0 that torchmetrics returns.
+        """
+        n_positive, n_labels = int(self.val_positives.compute()), int(self.val_count.compute())
+        self.log("val/loss", self.val_loss.compute())
         self.log("val/accuracy", self.val_accuracy.compute())
-        self.val_auroc.reset()
-        self.val_auprc.reset()
-        self.val_accuracy.reset()
+        if 0 < n_positive < n_labels:
+            self.log("val/auroc", self.val_auroc.compute(), prog_bar=True)
+            self.log("val/auprc", self.val_auprc.compute(), prog_bar=True)
+        else:
+            if self.trainer.is_global_zero and not self.trainer.sanity_checking and not self._warned_one_class:
+                self._warned_one_class = True
+                logger.warning(
+                    "All %d validation labels are %s: val/auroc and val/auprc are undefined",
+                    n_labels,
+                    "positive" if n_positive else "negative",
+                )
+            self.log("val/auroc", math.nan)
+            self.log("val/auprc", math.nan)
+        for metric in (self.val_loss, self.val_positives, self.val_count, self.val_auroc, self.val_auprc, self.val_accuracy):
+            metric.reset()
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.head.parameters(), lr=self.config.head_lr, weight_decay=self.config.weight_decay)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pandas as pd
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -15,6 +17,7 @@ from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrai
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from seqsetvae.cache import TRAINING_SPLITS, ensure_cache, fit_preprocessor
+from seqsetvae.callbacks import EXIT_AT_STEP_ENV, EpochHistory, ExitAtStep, history_of_checkpoint
 from seqsetvae.checkpoint import load_weights_only, strip_wrapper_prefixes
 from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataModule
@@ -27,6 +30,7 @@ from seqsetvae.training_log import TENSORBOARD_DIR, tensorboard_logger
 logger = logging.getLogger(__name__)
 
 PRETRAINED_FILE = "pretrained.pt"
+METRICS_FILE = "pretrain_metrics.csv"
 
 
 class EpochProgress(pl.Callback):
@@ -64,13 +68,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         num_workers=train_config.dataloader_workers,
         seed=train_config.seed,
     )
+    # EpochHistory must run before RayTrainReportCallback saves the checkpoint it lives in.
+    callbacks = [EpochHistory(), RayTrainReportCallback(), EpochProgress()]
+    if loop_config.get("test_exit_at_step") is not None:
+        callbacks.append(ExitAtStep(loop_config["test_exit_at_step"], loop_config["test_exit_marker"]))
     trainer = pl.Trainer(
         max_epochs=train_config.max_epochs,
         accelerator=lightning_accelerator(train_config.use_gpu),
         devices="auto",
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        callbacks=[RayTrainReportCallback(), EpochProgress()],
+        callbacks=callbacks,
+        # The data module shards the data so that every rank runs the same number of batches.
+        use_distributed_sampler=False,
         precision=train_config.precision,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -90,7 +100,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             ckpt_path = str(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME)
             logger.info("Resuming pretraining from the latest checkpoint")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             return
     trainer.fit(module, datamodule=datamodule)
 
@@ -141,6 +151,10 @@ def run_pretraining(
         # NOTE: rank 0 writes here, so on several nodes this path must be on a filesystem every node mounts.
         "tensorboard_dir": str(out / TENSORBOARD_DIR),
     }
+    if os.environ.get(EXIT_AT_STEP_ENV):
+        loop_config["test_exit_at_step"] = int(os.environ[EXIT_AT_STEP_ENV])
+        loop_config["test_exit_marker"] = str(out / f".{EXIT_AT_STEP_ENV.lower()}-done")
+        logger.warning("%s is set: a training worker will exit at step %s", EXIT_AT_STEP_ENV, os.environ[EXIT_AT_STEP_ENV])
     storage_path = resolve_storage(storage, out / "ray_results")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -180,8 +194,10 @@ def run_pretraining(
     pretrained_path = out / PRETRAINED_FILE
     with best.as_directory() as directory:
         export_pretrained(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME, pretrained_path)
-    if result.metrics_dataframe is not None:
-        result.metrics_dataframe.to_csv(out / "pretrain_metrics.csv", index=False)
+    # Ray keeps the metrics of the kept checkpoints only; the latest checkpoint carries every epoch.
+    with result.checkpoint.as_directory() as directory:
+        history = history_of_checkpoint(load_weights_only(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME))
+    pd.DataFrame(history).to_csv(out / METRICS_FILE, index=False)
     return PretrainResult(
         pretrained_path=str(pretrained_path),
         best_checkpoint=str(best.path),

@@ -20,8 +20,14 @@ from torch import Tensor, nn
 
 from seqsetvae.batch import BATCH_KEYS, PAD_CODE
 from seqsetvae.config import ModelConfig
-from seqsetvae.losses import free_bits_kl, gaussian_kl, reconstruction_losses, set_targets
+from seqsetvae.losses import free_bits_kl, gaussian_kl, mean_over_sets, reconstruction_losses, set_targets
 from seqsetvae.model.blocks import ISAB, PMA, CausalTransformerLayer, TimeGapBias
+
+ACTIVE_UNIT_THRESHOLD = 0.01
+"""Variance of a latent dimension's posterior mean across sets above which the dimension counts as active."""
+
+SET_BUCKETS = 4
+"""Groups of similar length in which the set encoder runs the sets of a batch; see SetEncoder.forward."""
 
 TIME_PERIODS_HOURS = tuple(2.0**k for k in range(-2, 12))
 """Periods of the sinusoidal time features: 15 minutes to 2048 hours (about 85 days), doubling."""
@@ -63,8 +69,25 @@ class SetEncoder(nn.Module):
     def forward(self, codes: Tensor, values: Tensor, has_value: Tensor, event_mask: Tensor) -> Tensor:
         """Summarise M sets of events, each input [M, N], to [M, D].
 
-        Only real events are embedded, so codes and values under padding are never read.
+        Sets are encoded in up to SET_BUCKETS groups of similar length, each cut
+        after its own last real event. A batch is padded to its largest set,
+        which is several times the typical one, so this skips most padding
+        slots in attention and in the padded buffers of the set blocks.
         """
+        last_event = (event_mask * torch.arange(1, event_mask.shape[1] + 1, device=event_mask.device)).amax(dim=1)  # [M]
+        order = torch.argsort(last_event)
+        pooled = []
+        for bucket in order.tensor_split(min(SET_BUCKETS, max(len(order), 1))):
+            n_kept = max(int(last_event[bucket[-1]]), 1) if len(bucket) else 1
+            pooled.append(
+                self._encode(
+                    codes[bucket, :n_kept], values[bucket, :n_kept], has_value[bucket, :n_kept], event_mask[bucket, :n_kept]
+                )
+            )  # [M_bucket, D]
+        return torch.cat(pooled)[torch.argsort(order)]  # [M, D]
+
+    def _encode(self, codes: Tensor, values: Tensor, has_value: Tensor, event_mask: Tensor) -> Tensor:
+        """Summarise sets [M, N] to [M, D]; only real events are embedded, so codes and values under padding are never read."""
         events = self.embedding(codes[event_mask], values[event_mask], has_value[event_mask])  # [E, D]
         x = events.new_zeros(*event_mask.shape, events.shape[-1]).index_put((event_mask,), events)  # [M, N, D]
         for layer in self.layers:
@@ -292,7 +315,9 @@ class SeqSetVAE(nn.Module):
         unit-variance Gaussian value, up to a constant), so they add with weight 1.
 
         z is sampled with the reparameterisation trick in training mode and is
-        the posterior mean in eval mode. The output also has `post_mu` [B, S, Z].
+        the posterior mean in eval mode. The output also has `post_mu` [B, S, Z]
+        and `kl_per_dim` [Z], the kl_z of kl_raw, which validation sums over
+        batches to apply free bits to a whole split.
         """
         if beta < 0 or free_bits < 0:
             raise ValueError(f"expected beta >= 0 and free_bits >= 0, got beta={beta}, free_bits={free_bits}")
@@ -317,6 +342,7 @@ class SeqSetVAE(nn.Module):
             "recon_value": recon_value,
             "kl": kl,
             "kl_raw": kl_raw,
+            "kl_per_dim": mean_over_sets(kl_elements, batch["set_mask"]),
             "post_mu": post_mu,
         }
 
@@ -339,7 +365,7 @@ class SeqSetVAE(nn.Module):
         return torch.cat([mu, torch.exp(0.5 * logvar)], dim=-1)  # [B, 2Z]
 
     @staticmethod
-    def active_units(post_mu: Tensor, set_mask: Tensor, threshold: float = 0.01) -> Tensor:
+    def active_units(post_mu: Tensor, set_mask: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> Tensor:
         """Return the fraction of latent dimensions whose posterior mean varies across valid sets.
 
         A dimension is active when the variance of post_mu [B, S, Z] over the valid
