@@ -66,11 +66,13 @@ def start_record(
 def finish_record(experiment: str, checkpoint_path: str, saved: dict[str, Any], n_trials: int) -> None:
     """Add the best checkpoint, as a path relative to the experiment directory, to the record.
 
-    `checkpoint_path` is the path Tune reports, inside the storage's filesystem;
-    `saved` is the checkpoint's params.json (`params` and `metrics`).
+    `checkpoint_path` is the path Tune reports, inside the storage's filesystem
+    or as a URI. `saved` is the checkpoint's params.json (`params` and `metrics`).
     """
     record = _read_record(experiment)
     _, experiment_path = filesystem_and_path(experiment)
+    if "://" in checkpoint_path:
+        _, checkpoint_path = filesystem_and_path(checkpoint_path)
     relative = PurePosixPath(checkpoint_path).relative_to(PurePosixPath(experiment_path))
     record["best"] = {
         "checkpoint": str(relative),

@@ -1,4 +1,4 @@
-"""`seqsetvae best` on storage that contains no finished sweep: one-line errors that say what to do."""
+"""The sweep record: where `seqsetvae best` finds it, the best checkpoint it stores, and one-line errors without it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from seqsetvae.cli import main
-from seqsetvae.sweep_record import RECORD_FILE, RECORD_FORMAT, locate_experiment
+from seqsetvae.sweep_record import RECORD_FILE, RECORD_FORMAT, finish_record, locate_experiment
 
 
 def write_record(directory, best=None, record_format=RECORD_FORMAT):
@@ -54,3 +54,16 @@ def test_best_of_foreign_record(tmp_path, capsys):
 def test_best_rejects_unknown_scheme(tmp_path, capsys):
     error = run_best("ftp://host/sweep", tmp_path, capsys)
     assert "unsupported scheme 'ftp'" in error
+
+
+@pytest.mark.parametrize("reported", ["fs-path", "uri"])
+def test_finish_record_stores_relative_checkpoint(tmp_path, reported):
+    experiment = f"file://{tmp_path}/storage/sweep"
+    write_record(tmp_path / "storage" / "sweep")
+    checkpoint = f"{tmp_path}/storage/sweep/head_trial_1/checkpoint_000002"
+    saved = {"params": {"head_lr": 0.01}, "metrics": {"val/auprc": 0.5}}
+    finish_record(experiment, checkpoint if reported == "fs-path" else f"file://{checkpoint}", saved, 3)
+    record = json.loads((tmp_path / "storage" / "sweep" / RECORD_FILE).read_text())
+    assert record["best"]["checkpoint"] == "head_trial_1/checkpoint_000002"
+    assert record["best"]["n_trials"] == 3
+    assert record["best"]["params"] == {"head_lr": 0.01}
