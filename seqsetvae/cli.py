@@ -228,7 +228,7 @@ def cmd_tune(values: dict[str, Any]) -> int:
         address=values.get("address"),
         resume=bool(values.get("resume")),
     )
-    print(f"Best val/auprc {result.val_auprc:.4f} over {result.n_trials} trials")
+    print(f"Best val/auprc {_fmt(result.val_auprc)} over {result.n_trials} trials")
     print(f"Best parameters: {json.dumps(result.best_params)}")
     print(f"Best head checkpoint: {result.best_dir}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,7 +71,12 @@ def run_finetune(
     )
     logger.info("Finetuning the head for %d epochs", finetune_config.max_epochs)
     trainer.fit(module, datamodule=datamodule)
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+    # val/auroc and val/auprc are NaN when the tuning labels have one class; they are written as null.
+    metrics = {
+        key: float(value) if math.isfinite(float(value)) else None
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith("val/")
+    }
     metrics["wall_seconds"] = time.monotonic() - start
 
     encoder = PretrainedEncoder(module.encoder, dict(hparams["model_config"]), dict(hparams["preprocessing"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -37,21 +38,29 @@ from tune.search_space import default_point, search_space
 logger = logging.getLogger(__name__)
 
 METRIC = "val/auprc"
+# Ranks the trials when the tuning labels have one class and val/auprc is undefined.
+FALLBACK_METRIC = "val/loss"
 EXPERIMENT_NAME = "sweep"
 SWEEP_INFO_FILE = "sweep.json"
+# Seconds between saves of the sweep state that `--resume` reads. Tune's own default is 10 s or more,
+# and a trial that finished after the last save runs again on resume.
+STATE_SAVE_SECONDS = "1"
 
 
 class ReportToTune(pl.Callback):
-    """Reports validation metrics to Tune after every epoch, with a head checkpoint when val/auprc improves."""
+    """Reports validation metrics to Tune after every epoch, with a head checkpoint when `metric` improves."""
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, params: dict[str, Any], metric: str = METRIC, mode: str = "max"):
         self.params = params
+        self.metric = metric
+        # Scores are compared as "higher is better".
+        self.sign = 1.0 if mode == "max" else -1.0
         self.best = -np.inf
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         metrics["epoch"] = trainer.current_epoch
-        score = metrics.get(METRIC, float("nan"))
+        score = self.sign * metrics.get(self.metric, float("nan"))
         if not np.isfinite(score) or score <= self.best:
             tune.report(metrics)
             return
@@ -69,17 +78,27 @@ def head_trial(
     base_config: dict[str, Any],
     model_config: dict,
     preprocessing: dict,
+    metric: str = METRIC,
+    mode: str = "max",
 ) -> None:
-    """One Tune trial: train the head with the sampled settings on the shared features."""
+    """Train one head, as a Tune trial, with the sampled settings on the shared features.
+
+    A trial that was running when its sweep stopped starts again from its first epoch on resume.
+    """
+    if tune.get_checkpoint() is not None:
+        logger.info("Restarting an interrupted trial from its first epoch")
     finetune_config = FinetuneConfig(**{**base_config, **config})
-    train_head(train, val, finetune_config, model_config, preprocessing, callbacks=[ReportToTune(config)])
+    callbacks = [ReportToTune(config, metric, mode)]
+    train_head(train, val, finetune_config, model_config, preprocessing, callbacks=callbacks)
 
 
 @dataclass
 class SweepResult:
+    """The best trial; val_auprc and val_auroc are None when the tuning labels have one class."""
+
     best_params: dict[str, Any]
-    val_auprc: float
-    val_auroc: float
+    val_auprc: float | None
+    val_auroc: float | None
     best_dir: str
     n_trials: int
     wall_seconds: float
@@ -140,6 +159,9 @@ def run_sweep(
     encoder, features = encode_splits(
         pretrained_ckpt, meds_root, cache, out / "features", data_config, ("train", "tuning")
     )
+    metric, mode = selection_metric(features["tuning"]["label"])
+    # Tune reads this when the tuner starts; a value the user set wins.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_SECONDS)
     init_ray(address)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -149,23 +171,26 @@ def run_sweep(
             base_config=asdict(finetune_config),
             model_config=encoder.model_config,
             preprocessing=encoder.preprocessing,
+            metric=metric,
+            mode=mode,
         ),
         {"cpu": tune_config.cpus_per_trial},
     )
     if resume:
+        # Tune restores the Optuna searcher and every trial's state; finished trials are not run again.
         logger.info("Resuming sweep from %s", experiment_path)
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = _new_tuner(trainable, finetune_config, tune_config, storage_path)
+        tuner = _new_tuner(trainable, finetune_config, tune_config, storage_path, metric, mode)
     # The record and the encoder copy let `seqsetvae best` export from the storage alone.
     start_record(experiment_path, pretrained_ckpt, data_config, finetune_config, METRIC)
     logger.info("Sweeping %d trials, %d at a time", tune_config.num_samples, tune_config.max_concurrent_trials)
     results = tuner.fit()
 
-    best = results.get_best_result(metric=METRIC, mode="max", scope="all")
-    checkpoint = best.get_best_checkpoint(metric=METRIC, mode="max")
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    checkpoint = best.get_best_checkpoint(metric=metric, mode=mode)
     if checkpoint is None:
-        raise RuntimeError(f"no trial reported a finite {METRIC}; check the tuning split's labels")
+        raise RuntimeError(f"no trial reported a finite {metric}; check the trial errors in {experiment_path}")
     best_dir = out / "best"
     with checkpoint.as_directory() as directory:
         _replace_tree(Path(directory), best_dir)
@@ -174,8 +199,8 @@ def run_sweep(
     _write_trial_table(results, out / "trials.csv")
     summary = SweepResult(
         best_params={**asdict(finetune_config), **saved["params"]},
-        val_auprc=float(saved["metrics"][METRIC]),
-        val_auroc=float(saved["metrics"].get("val/auroc", float("nan"))),
+        val_auprc=_finite_or_none(saved["metrics"].get(METRIC)),
+        val_auroc=_finite_or_none(saved["metrics"].get("val/auroc")),
         best_dir=str(best_dir),
         n_trials=len(results),
         wall_seconds=time.monotonic() - start,
@@ -189,14 +214,35 @@ def run_sweep(
     return summary
 
 
-def _new_tuner(trainable, finetune_config: FinetuneConfig, tune_config: TuneConfig, storage_path: str) -> tune.Tuner:
+def selection_metric(tuning_labels: np.ndarray) -> tuple[str, str]:
+    """Return the metric and mode that rank the trials: val/auprc, or val/loss when the labels have one class."""
+    n_positive = int(np.sum(tuning_labels))
+    if 0 < n_positive < len(tuning_labels):
+        return METRIC, "max"
+    logger.warning(
+        "All %d tuning labels are %s, so %s is undefined; trials are ranked by the lowest %s instead",
+        len(tuning_labels),
+        "positive" if n_positive else "negative",
+        METRIC,
+        FALLBACK_METRIC,
+    )
+    return FALLBACK_METRIC, "min"
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _new_tuner(
+    trainable, finetune_config: FinetuneConfig, tune_config: TuneConfig, storage_path: str, metric: str, mode: str
+) -> tune.Tuner:
     searcher = OptunaSearch(seed=tune_config.search_seed, points_to_evaluate=[default_point(asdict(finetune_config))])
     return tune.Tuner(
         trainable,
         param_space=search_space(),
         tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode="max",
+            metric=metric,
+            mode=mode,
             search_alg=searcher,
             num_samples=tune_config.num_samples,
             max_concurrent_trials=tune_config.max_concurrent_trials,
@@ -205,7 +251,7 @@ def _new_tuner(trainable, finetune_config: FinetuneConfig, tune_config: TuneConf
             name=EXPERIMENT_NAME,
             storage_path=storage_path,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
+                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             verbose=0,
         ),
@@ -243,7 +289,9 @@ def _write_trial_table(results, path: Path) -> None:
         row.update({f"config/{k}": v for k, v in (result.config or {}).items()})
         history = result.metrics_dataframe
         best = float(history[METRIC].max()) if history is not None and METRIC in history else float("nan")
-        row.update({"best_val_auprc": best, "epochs": len(history) if history is not None else 0})
+        # A trial restarted on resume reports its epochs again, so epochs are counted once each.
+        epochs = int(history["epoch"].nunique()) if history is not None and "epoch" in history else 0
+        row.update({"best_val_auprc": best, "epochs": epochs})
         row["status"] = "ERROR" if result.error else "TERMINATED"
         rows.append(row)
     table = pd.DataFrame(rows).astype({"trial_number": "Int64"})

@@ -1,0 +1,95 @@
+"""A sweep whose driver process is killed, then resumed with `seqsetvae tune --resume`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+N_SAMPLES = 5
+
+
+def trial_states(experiment: Path) -> dict[str, str]:
+    """Return the status of each trial in the latest sweep state that Tune saved, by trial id."""
+    files = sorted(experiment.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except json.JSONDecodeError:
+        return {}  # read while Tune was rewriting it
+    trials = (json.loads(trial[0]) for trial in state["trial_data"])
+    return {trial["trial_id"]: trial["status"] for trial in trials}
+
+
+def trial_results(experiment: Path) -> dict[str, str]:
+    """Return the result.json text of each trial directory, by trial id."""
+    return {path.parent.name.split("_")[2]: path.read_text() for path in experiment.glob("head_trial_*/result.json")}
+
+
+def tune_command(meds: Path, pretrained: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "seqsetvae.cli", "tune", "--data", str(meds), "--pretrained-ckpt", str(pretrained),
+        "--out", str(out), "--num-samples", str(N_SAMPLES), "--max-concurrent-trials", "1", "--max-epochs", "4", *extra,
+    ]  # fmt: skip
+
+
+def test_killed_sweep_resumes(small_meds, tiny_pretrained, tmp_path):
+    out = tmp_path / "sweep"
+    experiment = out / "ray_results" / "sweep"
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(
+        tune_command(small_meds, tiny_pretrained, out), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            states = trial_states(experiment)
+            if list(states.values()).count("TERMINATED") >= 2:
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        # Anything the killed driver started in its session ends with it.
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    time.sleep(1)
+    before = trial_states(experiment)
+    finished = {trial for trial, status in before.items() if status == "TERMINATED"}
+    assert 2 <= len(finished) < N_SAMPLES
+    finished_results = {trial: text for trial, text in trial_results(experiment).items() if trial in finished}
+
+    resumed = subprocess.run(tune_command(small_meds, tiny_pretrained, out, "--resume"), env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"over {N_SAMPLES} trials" in resumed.stdout
+
+    after = trial_states(experiment)
+    assert len(after) == N_SAMPLES
+    assert set(after.values()) == {"TERMINATED"}
+    assert set(before) <= set(after)
+    # A trial that had finished before the kill was not run again.
+    results = trial_results(experiment)
+    for trial in finished:
+        assert results[trial] == finished_results[trial], trial
+
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == N_SAMPLES
+    assert set(trials["trial_id"]) == set(after)
+    # The restored Optuna search suggests new points; a fresh one would repeat the first suggestions.
+    configs = trials.filter(like="config/").map(repr).agg("|".join, axis=1)
+    assert configs.nunique() == N_SAMPLES
+    assert (trials["epochs"] == 4).all()
+    assert (out / "best" / "head.safetensors").is_file()
