@@ -13,10 +13,14 @@ LOCAL_HOST = "127.0.0.1"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start a local Ray instance bound to 127.0.0.1, or join the cluster at `address`.
+    """Start a local Ray instance with its dashboard on 127.0.0.1, or join the cluster at `address`.
 
     Does nothing when Ray is already initialised in this process, for example
     inside a Ray job, where `address` is taken from the job's environment.
+
+    NOTE: Ray 2.60 replaces 127.0.0.1 by the machine's network address, so the
+    GCS, raylet and agents of a local instance also listen on the network,
+    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before Ray was imported.
     """
     if ray.is_initialized():
         return
