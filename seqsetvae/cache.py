@@ -72,7 +72,7 @@ class SplitReport:
     Attributes:
         n_subjects_static_only: Subjects whose only events are static; they get one set at time 0.
         values_clipped_per_code: Values outside their code's train-split clip bounds, by code.
-        n_subjects_cut_by_max_sets: Subjects with more sets than max_sets; pretraining sees their latest max_sets.
+        n_subjects_cut_by_max_sets: Subjects with more sets than max_sets; pretraining reads only their latest max_sets.
         n_sets_cut_by_max_sets: Sets of those subjects that pretraining does not see.
         n_labels_cut_by_max_sets: Labels with more than max_sets sets before the prediction time.
         n_labels_without_sets: Labels with no set at or before the prediction time; they are
@@ -163,6 +163,9 @@ def ensure_cache(
         meds_io.label_files(root, data_config.task)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    for leftover in cache.glob(".staging-*"):
+        # A killed build leaves its staging directory behind; builds of one cache run one at a time.
+        shutil.rmtree(leftover, ignore_errors=True)
     reports = {}
     for split in [s for s in splits if _split_has_events_or_subjects(root, s)]:
         signature = split_signature(root, split, data_config, preprocessor)

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -126,8 +127,12 @@ def encode_splits(
         )
         path = feature_dir / f"{split}-{hashlib.sha256(signature.encode()).hexdigest()[:12]}.npz"
         if path.is_file():
-            features[split] = load_features(path)
-            continue
+            try:
+                features[split] = load_features(path)
+                continue
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+                # The features are a cache of the encoder's output, so a damaged file is computed again.
+                logger.warning("Computing the features of split '%s' again: %s is unreadable (%s)", split, path, error)
         cache = SplitCache(cache_dir, split, task=data_config.task)
         features[split] = compute_features(encoder.model, cache, data_config.max_sets)
         save_features(features[split], path)
