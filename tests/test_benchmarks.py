@@ -1,0 +1,91 @@
+"""The benchmarks run at tiny sizes and return the contract keys with sane values; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import data_scale, sweep_cost, throughput, workers
+from benchmarks.reference import reference_loss
+from seqsetvae.config import ModelConfig
+from seqsetvae.model.core import SeqSetVAE
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_reference_matches_vectorised_loss():
+    from test_model import VOCAB, make_batch
+
+    torch.manual_seed(0)
+    model = SeqSetVAE(ModelConfig(d_model=16, latent_dim=4, n_inducing=3, n_heads=2), VOCAB).eval()
+    batch = make_batch([3, 1, 5, 0])
+    expected = reference_loss(model, batch, beta=0.5, free_bits=0.05)
+    got = model(batch, beta=0.5, free_bits=0.05)["loss"]
+    assert abs(got.item() - expected.item()) < 1e-5
+
+
+def test_reference_rejects_training_mode():
+    from test_model import VOCAB, make_batch
+
+    model = SeqSetVAE(ModelConfig(d_model=16, latent_dim=4, n_inducing=3, n_heads=2), VOCAB).train()
+    with pytest.raises(ValueError, match="eval mode"):
+        reference_loss(model, make_batch([2]), beta=0.5, free_bits=0.05)
+
+
+def test_throughput_benchmark_tiny(tmp_path):
+    figures = throughput.measure(throughput.TINY, str(tmp_path))
+    assert figures["vectorised_max_loss_diff"] < 1e-5
+    assert figures["vectorised_speedup"] > 0
+    training = figures["throughput"]["training"]
+    assert set(training) == {"demo", "generated_60"}
+    for run in training.values():
+        assert run["events_per_second"] > 0
+        assert 0.0 <= run["padding_fraction"] < 1.0
+
+
+def test_data_scale_benchmark_tiny(tmp_path):
+    figures = data_scale.measure((40, 80), str(tmp_path))
+    assert set(figures["prepare_seconds_by_subjects"]) == {"40", "80"}
+    assert 0 < figures["prepare_peak_rss_gb"] < 4
+    assert 0 < figures["epoch_read_peak_rss_gb"] < 4
+    per_size = figures["data_scale"]["per_size"]
+    assert per_size["80"]["generated"]["events"] > per_size["40"]["generated"]["events"]
+    # Preparation drops exact duplicate events, which the generator makes now and then.
+    assert 0.9 * per_size["80"]["generated"]["events"] <= per_size["80"]["prepare"]["events"]
+    assert per_size["80"]["prepare"]["events"] <= per_size["80"]["generated"]["events"]
+    assert per_size["80"]["epoch_read"]["subjects"] > 0
+
+
+def test_sweep_cost_benchmark_tiny(tmp_path, ray_local):
+    figures = sweep_cost.measure(sweep_cost.TINY, str(tmp_path))
+    ratio = figures["sweep_cached_32_over_uncached_1"]
+    assert math.isfinite(ratio)
+    assert ratio > 0
+    assert figures["sweep_cost"]["cached_trials"] == sweep_cost.TINY.trials
+
+
+def test_workers_benchmark_tiny(tmp_path, ray_local):
+    sizes = workers.Sizes(batch_size=8, max_sets=8, generated_subjects=60, worker_counts=(1,))
+    figures = workers.measure(sizes, str(tmp_path))
+    assert set(figures["samples_per_second_by_workers"]) == {"1"}
+    run = figures["workers"]["per_workers"]["1"]
+    assert run["wall_seconds_2_epochs"] > 0
+    assert run["wall_seconds_1_epoch"] > 0
+
+
+def test_gpu_script_runs_on_cpu(tmp_path):
+    out = tmp_path / "cpu.json"
+    command = [sys.executable, "-m", "benchmarks.gpu_throughput", "--device", "cpu", "--quick",
+               "--variants", "float32", "bf16", "--out", str(out)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"float32_batch_8", "bf16_batch_8"}
+    for run in runs.values():
+        assert run["events_per_second"] > 0
