@@ -116,6 +116,9 @@ class PretrainConfig:
     precision: str = option("32-true", f"Lightning precision, one of {', '.join(PRECISIONS)}; 16-bit float needs --use-gpu")
     run_name: str = option("pretrain", "Ray Train run name; running again with the same name resumes it")
     dataloader_workers: int = option(0, "DataLoader worker processes per Ray worker")
+    compile: bool = option(
+        False, "compile the model with torch.compile (dynamic shapes) before training; the first steps are slower"
+    )
     log_every_n_steps: int = option(10, "optimiser steps between training metrics written to TensorBoard")
 
     def __post_init__(self) -> None:

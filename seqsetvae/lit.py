@@ -32,6 +32,10 @@ class PretrainModule(pl.LightningModule):
         self.save_hyperparameters()
         self.train_config = PretrainConfig(**pretrain_config)
         self.model = SeqSetVAE(ModelConfig(**model_config), vocab_size=len(preprocessing["codes"]) + 2)
+        if self.train_config.compile:
+            # nn.Module.compile compiles in place, so parameter names and checkpoints stay unchanged.
+            # Batch shapes change from step to step, hence dynamic shapes.
+            self.model.compile(dynamic=True)
 
     def beta(self) -> float:
         """Return the KL weight: linear warm-up from 0 over beta_warmup_steps optimiser steps."""
