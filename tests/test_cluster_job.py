@@ -102,7 +102,7 @@ def stop_head(head: Head) -> None:
         os.killpg(head.pgid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 10
     while head_processes(head) and time.monotonic() < deadline:
         time.sleep(0.5)
     for process in head_processes(head):
