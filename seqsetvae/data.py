@@ -111,7 +111,12 @@ class SetSequenceDataset(Dataset):
 
 
 def make_loader(
-    dataset: SetSequenceDataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0
+    dataset: SetSequenceDataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Return a DataLoader that packs with the dataset's vectorised collate."""
     generator = torch.Generator().manual_seed(seed)
@@ -122,6 +127,7 @@ def make_loader(
         collate_fn=dataset.collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         generator=generator,
     )
 
@@ -150,7 +156,9 @@ class SetSequenceDataModule(pl.LightningDataModule):
         val_split: str = "tuning",
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool = False,
     ):
+        """`pin_memory` puts batches in page-locked memory, which speeds up their copy to a GPU."""
         super().__init__()
         self.cache_dir = Path(cache_dir)
         self.max_sets = max_sets
@@ -160,6 +168,7 @@ class SetSequenceDataModule(pl.LightningDataModule):
         self.val_split = val_split
         self.num_workers = num_workers
         self.seed = seed
+        self.pin_memory = pin_memory
 
     def dataset(self, split: str) -> SetSequenceDataset:
         cache = SplitCache(self.cache_dir, split, task=self.task)
@@ -175,7 +184,7 @@ class SetSequenceDataModule(pl.LightningDataModule):
         dataset = self.dataset(self.train_split)
         world_size, rank = self._world()
         if world_size == 1:
-            return make_loader(dataset, self.batch_size, True, self.num_workers, self.seed)
+            return make_loader(dataset, self.batch_size, True, self.num_workers, self.seed, self.pin_memory)
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(
             dataset,
@@ -184,17 +193,19 @@ class SetSequenceDataModule(pl.LightningDataModule):
             collate_fn=dataset.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.dataset(self.val_split)
         world_size, rank = self._world()
         if world_size == 1:
-            return make_loader(dataset, self.batch_size, False, self.num_workers, self.seed)
+            return make_loader(dataset, self.batch_size, False, self.num_workers, self.seed, self.pin_memory)
         return DataLoader(
             dataset,
             batch_sampler=ShardedBatchSampler(len(dataset), self.batch_size, world_size, rank),
             collate_fn=dataset.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )

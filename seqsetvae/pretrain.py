@@ -67,6 +67,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batch_size=train_config.batch_size,
         num_workers=train_config.dataloader_workers,
         seed=train_config.seed,
+        pin_memory=train_config.use_gpu,
     )
     # EpochHistory must run before RayTrainReportCallback saves the checkpoint it lives in.
     callbacks = [EpochHistory(), RayTrainReportCallback(), EpochProgress()]

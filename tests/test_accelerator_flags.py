@@ -88,3 +88,11 @@ def test_compile_fit_matches_eager_model(cache):
     compiled_loss = module.model.eval()(batch, beta=0.5, free_bits=0.05)["loss"]
     eager_loss = eager.eval()(batch, beta=0.5, free_bits=0.05)["loss"]
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pin_memory", [False, True])
+def test_data_module_pin_memory(cache, pin_memory):
+    cache_dir, _ = cache
+    datamodule = SetSequenceDataModule(cache_dir, max_sets=DATA.max_sets, batch_size=4, pin_memory=pin_memory)
+    assert datamodule.train_dataloader().pin_memory is pin_memory
+    assert datamodule.val_dataloader().pin_memory is pin_memory
