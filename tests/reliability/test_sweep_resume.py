@@ -37,7 +37,7 @@ def trial_results(experiment: Path) -> dict[str, str]:
 def tune_command(meds: Path, pretrained: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "seqsetvae.cli", "tune", "--data", str(meds), "--pretrained-ckpt", str(pretrained),
-        "--out", str(out), "--num-samples", str(N_SAMPLES), "--max-concurrent-trials", "1", "--max-epochs", "4", *extra,
+        "--out", str(out), "--num-samples", str(N_SAMPLES), "--max-concurrent-trials", "2", "--max-epochs", "4", *extra,
     ]  # fmt: skip
 
 
