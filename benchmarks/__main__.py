@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="benchmarks to run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the in-process benchmarks (default 1)")
     parser.add_argument("--workdir", help="directory for generated data (default: the system temporary directory)")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=f"results file (default: {RESULTS_PATH})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,11 +66,11 @@ def main() -> None:
         print(f"== {name}", flush=True)
         figures.update(run(name, args.quick, args.workdir))
         figures["benchmark_seconds"][name] = round(time.perf_counter() - start, 1)
-    results = update_results(figures)
+    results = update_results(figures, args.results)
     missing = [key for key in REQUIRED_KEYS if key not in results]
     summary = {key: results[key] for key in REQUIRED_KEYS if key in results}
     print(json.dumps(summary, indent=2))
-    print(f"Results written to {RESULTS_PATH}" + (f"; not measured yet: {', '.join(missing)}" if missing else ""))
+    print(f"Results written to {args.results}" + (f"; not measured yet: {', '.join(missing)}" if missing else ""))
 
 
 if __name__ == "__main__":

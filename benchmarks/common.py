@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -76,16 +77,23 @@ def run_child(module: str, *args: str, env: dict | None = None) -> dict:
 
 
 def update_results(figures: dict, path: Path = RESULTS_PATH) -> dict:
-    """Merge `figures` into the results file, keeping the keys of benchmarks that did not run, and return it."""
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results.update(figures)
-    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    """Merge `figures` into the results file, keeping the keys of benchmarks that did not run, and return it.
+
+    A lock file serialises benchmarks that run at the same time.
+    """
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results.update(figures)
+        path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
 
 
 def benchmark_main(doc: str, measure, full, quick, detail_key: str, quick_help: str) -> None:
-    """Parse `--quick` and `--workdir`, run `measure` at the chosen sizes, merge the figures into the results file
-    and print those outside `detail_key`."""
+    """Run `measure` at the full or, with `--quick`, the quick sizes and merge its figures into the results file.
+
+    Prints the figures except the detailed record under `detail_key`.
+    """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--workdir", help="directory for temporary data (default: the system temporary directory)")

@@ -12,7 +12,7 @@ timed.
   with the encoder inside the LightningModule, so every epoch encodes every
   subject again.
 
-    python -m benchmarks.sweep_cost            # demo data, 32 trials, 40 epochs
+    python -m benchmarks.sweep_cost            # demo data, 32 trials, 10 epochs per head
     python -m benchmarks.sweep_cost --quick
 """
 
@@ -42,7 +42,7 @@ class Sizes:
     generated_subjects: int
 
 
-FULL = Sizes(trials=32, max_epochs=FinetuneConfig().max_epochs, generated_subjects=0)
+FULL = Sizes(trials=32, max_epochs=10, generated_subjects=0)
 QUICK = Sizes(trials=8, max_epochs=3, generated_subjects=600)
 TINY = Sizes(trials=2, max_epochs=1, generated_subjects=120)
 

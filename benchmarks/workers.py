@@ -11,7 +11,7 @@ where start-up covers the worker group, the trainer set-up, checkpointing and
 the export. Starting the local Ray instance is timed separately, once.
 Workers divide the machine's CPUs among themselves (`cpus_per_worker` 0).
 
-    python -m benchmarks.workers            # demo data
+    python -m benchmarks.workers            # 1,000 generated subjects
     python -m benchmarks.workers --quick
 """
 
@@ -39,7 +39,7 @@ class Sizes:
     worker_counts: tuple[int, ...] = (1, 2)
 
 
-FULL = Sizes(batch_size=32, max_sets=64, generated_subjects=0)
+FULL = Sizes(batch_size=32, max_sets=64, generated_subjects=1000)
 QUICK = Sizes(batch_size=16, max_sets=32, generated_subjects=400)
 TINY = Sizes(batch_size=8, max_sets=8, generated_subjects=60)
 
