@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tracemalloc
 from collections import Counter
 
@@ -187,7 +188,7 @@ def test_unseen_codes_map_to_unknown(small_meds, tiny_export, tmp_path, caplog):
     write_events(root, "held_out", events_table(held_out))
 
     out = tmp_path / "eval"
-    with caplog.at_level(logging.WARNING, logger="seqsetvae"):
+    with caplog.at_level(logging.INFO):
         assert main(["evaluate", "--model", str(tiny_export), "--data", str(root), "--out", str(out)]) == 0
 
     n_renamed = int(held_out[renamed].drop_duplicates(["subject_id", "time", "code", "numeric_value"]).shape[0])
@@ -204,3 +205,7 @@ def test_unseen_codes_map_to_unknown(small_meds, tiny_export, tmp_path, caplog):
     assert (codes >= N_SPECIAL_CODES).any()
     predictions = pq.read_table(out / "predictions.parquet").column("predicted_boolean_probability").to_numpy()
     assert np.isfinite(predictions).all()
+
+    # The log names counts and codes, never a subject.
+    for subject in held_out["subject_id"].unique():
+        assert re.search(rf"\b{subject}\b", caplog.text) is None
