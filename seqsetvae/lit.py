@@ -68,10 +68,10 @@ class PretrainModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Log the validation metrics of the whole split, the same on every rank.
 
-        The per-rank sums are added across ranks before the losses are formed,
-        so each validation subject counts once and the result does not depend
-        on how the split was divided among ranks and batches. Free bits apply
-        to the split-mean KL of each dimension.
+        The per-rank sums over sets are added across ranks before the losses
+        are formed, so every set of every validation subject counts once and
+        the result does not depend on how the split was divided among ranks
+        and batches. Free bits apply to the split-mean KL of each dimension.
         """
         sums = self.trainer.strategy.reduce(self._val_sums.values, reduce_op="sum")
         metrics = ValidationSums.metrics(sums, self.model.config.latent_dim, self.train_config.free_bits)
