@@ -66,7 +66,8 @@ def main() -> None:
         print(f"== {name}", flush=True)
         figures.update(run(name, args.quick, args.workdir))
         figures["benchmark_seconds"][name] = round(time.perf_counter() - start, 1)
-    results = update_results(figures, args.results)
+        # Written after each benchmark, so an interrupted run keeps what it measured.
+        results = update_results(figures, args.results)
     missing = [key for key in REQUIRED_KEYS if key not in results]
     summary = {key: results[key] for key in REQUIRED_KEYS if key in results}
     print(json.dumps(summary, indent=2))
