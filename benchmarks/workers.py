@@ -1,11 +1,12 @@
 """Worker scaling: pretraining samples per second with 1 and with 2 Ray Train workers, and Ray's start-up cost.
 
 Each worker count runs `run_pretraining` twice on the same cache, for one and
-for two epochs. The difference of the two wall times is the time of one
-epoch (training and validation), so
+for E epochs. The difference of the two wall times is the time of E - 1
+epochs (training and validation), so
 
-    samples per second = train subjects / (T(2 epochs) - T(1 epoch))
-    start-up seconds   = T(1 epoch) - (T(2 epochs) - T(1 epoch))
+    epoch seconds      = (T(E epochs) - T(1 epoch)) / (E - 1)
+    samples per second = train subjects / epoch seconds
+    start-up seconds   = T(1 epoch) - epoch seconds
 
 where start-up covers the worker group, the trainer set-up, checkpointing and
 the export. Starting the local Ray instance is timed separately, once.
@@ -36,12 +37,13 @@ class Sizes:
     batch_size: int
     max_sets: int
     generated_subjects: int
+    epochs: int = 5
     worker_counts: tuple[int, ...] = (1, 2)
 
 
 FULL = Sizes(batch_size=32, max_sets=64, generated_subjects=1000)
-QUICK = Sizes(batch_size=16, max_sets=32, generated_subjects=400)
-TINY = Sizes(batch_size=8, max_sets=8, generated_subjects=60)
+QUICK = Sizes(batch_size=16, max_sets=32, generated_subjects=400, epochs=3)
+TINY = Sizes(batch_size=8, max_sets=8, generated_subjects=60, epochs=2)
 
 
 def measure(sizes: Sizes, workdir: str | None = None) -> dict:
@@ -66,7 +68,7 @@ def measure(sizes: Sizes, workdir: str | None = None) -> dict:
         walls: dict[int, dict[int, float]] = {}
         for n_workers in sizes.worker_counts:
             walls[n_workers] = {}
-            for epochs in (1, 2):
+            for epochs in (1, sizes.epochs):
                 config = PretrainConfig(
                     max_epochs=epochs, batch_size=sizes.batch_size, num_workers=n_workers,
                     run_name=f"workers-{n_workers}-epochs-{epochs}",
@@ -85,13 +87,13 @@ def measure(sizes: Sizes, workdir: str | None = None) -> dict:
 
     per_workers = {}
     for n_workers, wall in walls.items():
-        epoch_seconds = wall[2] - wall[1]
+        epoch_seconds = (wall[sizes.epochs] - wall[1]) / (sizes.epochs - 1)
         per_workers[str(n_workers)] = {
             "epoch_seconds": epoch_seconds,
             "samples_per_second": n_train / epoch_seconds if epoch_seconds > 0 else float("nan"),
             "startup_seconds": wall[1] - epoch_seconds,
             "wall_seconds_1_epoch": wall[1],
-            "wall_seconds_2_epochs": wall[2],
+            f"wall_seconds_{sizes.epochs}_epochs": wall[sizes.epochs],
         }
     return {
         "samples_per_second_by_workers": {key: round(value["samples_per_second"], 2) for key, value in per_workers.items()},

@@ -71,7 +71,7 @@ def test_sweep_cost_benchmark_tiny(tmp_path, ray_local):
 
 
 def test_workers_benchmark_tiny(tmp_path, ray_local):
-    sizes = workers.Sizes(batch_size=8, max_sets=8, generated_subjects=60, worker_counts=(1,))
+    sizes = workers.Sizes(batch_size=8, max_sets=8, generated_subjects=60, epochs=2, worker_counts=(1,))
     figures = workers.measure(sizes, str(tmp_path))
     assert set(figures["samples_per_second_by_workers"]) == {"1"}
     run = figures["workers"]["per_workers"]["1"]
