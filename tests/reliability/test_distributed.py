@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,8 +78,15 @@ def fault_run(tmp_path_factory):
         "--num-workers", "2", "--max-epochs", str(EPOCHS), "--batch-size", str(BATCH_SIZE), "--max-failures", "1",
         "--beta-warmup-steps", "2", *TINY_FLAGS,
     ]  # fmt: skip
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
-    session_logs = [path for path in Path(ray_tmp).rglob("*") if path.is_file() and path.suffix in (".log", ".out", ".err")]
+    try:
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
+        session_logs = {
+            str(path.relative_to(ray_tmp)): path.read_text(errors="replace")
+            for path in Path(ray_tmp).rglob("*")
+            if path.is_file() and path.suffix in (".log", ".out", ".err")
+        }
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return {
         "meds": meds,
         "out": out,
@@ -130,7 +138,7 @@ def test_logs_hold_no_ids_or_values(fault_run):
     meds = fault_run["meds"]
     ids = pq.read_table(meds / "metadata" / "subject_splits.parquet").column("subject_id").to_pylist()
     texts = [("output", fault_run["output"])]
-    texts += [(str(path), path.read_text(errors="replace")) for path in fault_run["session_logs"]]
+    texts += list(fault_run["session_logs"].items())
     assert len(texts) > 10
     # Whole numbers only: Ray's logs carry nanosecond timestamps, whose digits contain any short number.
     for name, text in texts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 N_SAMPLES = 5
 
@@ -41,10 +43,18 @@ def tune_command(meds: Path, pretrained: Path, out: Path, *extra: str) -> list[s
     ]  # fmt: skip
 
 
-def test_killed_sweep_resumes(small_meds, tiny_pretrained, tmp_path):
+@pytest.fixture
+def ray_tmp():
+    """Return a directory for Ray's sessions outside pytest's long temporary paths, and remove it afterwards."""
+    directory = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_killed_sweep_resumes(small_meds, tiny_pretrained, tmp_path, ray_tmp):
     out = tmp_path / "sweep"
     experiment = out / "ray_results" / "sweep"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1"}
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(
         tune_command(small_meds, tiny_pretrained, out), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
