@@ -29,7 +29,7 @@ def load_weights_only(path: str | Path) -> dict[str, Any]:
     """Read a torch file without unpickling arbitrary objects.
 
     Raises:
-        UserInputError: the file is missing, corrupt, or holds objects other than weights.
+        UserInputError: the file is missing, corrupt, or contains objects other than weights.
     """
     file = Path(path)
     if not file.is_file():
@@ -39,7 +39,7 @@ def load_weights_only(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         reason = str(error).splitlines()[0][:200]
         raise UserInputError(
-            f"{file}: refused to load, the file holds objects other than weights ({reason}); "
+            f"{file}: rejected, the file contains objects other than weights ({reason}); "
             "use a checkpoint written by seqsetvae"
         ) from None
     except (RuntimeError, EOFError, OSError) as error:

@@ -104,7 +104,7 @@ def test_planted_torch_file_is_rejected(small_meds, tmp_path, capsys):
     assert main(finetune_args(small_meds, planted, tmp_path / "ft")) == 2
     line = error_line(capsys.readouterr().err, "finetune")
     assert str(planted) in line
-    assert "refused to load, the file holds objects other than weights" in line
+    assert "rejected, the file contains objects other than weights" in line
     assert not marker.exists()
 
 
@@ -121,7 +121,7 @@ def test_planted_pickle_is_rejected_by_the_command(small_meds, tmp_path):
     assert "Traceback" not in finished.stderr
     line = error_line(finished.stderr, "finetune")
     assert str(planted) in line
-    assert "refused to load, the file holds objects other than weights" in line
+    assert "rejected, the file contains objects other than weights" in line
     assert not marker.exists()
 
 
