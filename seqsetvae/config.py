@@ -59,6 +59,7 @@ class ModelConfig:
         dropout: Dropout probability in the transformer.
         logvar_min: Lower clamp of every log-variance.
         logvar_max: Upper clamp of every log-variance.
+        history_weight: Weight of the history reconstruction loss; 0 builds no history decoder.
     """
 
     d_model: int = option(64, "model width D (embedding and attention size)")
@@ -70,6 +71,11 @@ class ModelConfig:
     dropout: float = option(0.1, "dropout probability in the transformer")
     logvar_min: float = option(-10.0, "lower clamp of log-variances")
     logvar_max: float = option(10.0, "upper clamp of log-variances")
+    history_weight: float = option(
+        1.0,
+        "weight of the history reconstruction loss, in which a linear decoder predicts from each set latent every "
+        "code's last, minimum, maximum and mean value, event count and presence so far; 0 turns it off",
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, "d_model", "latent_dim", "n_inducing", "n_heads", "n_set_layers", "n_seq_layers")
@@ -77,6 +83,8 @@ class ModelConfig:
             raise UserInputError(f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserInputError(f"dropout: expected a value in [0, 1), got {self.dropout}")
+        if self.history_weight < 0:
+            raise UserInputError(f"history_weight: expected a value >= 0, got {self.history_weight}")
         if self.logvar_min >= self.logvar_max:
             raise UserInputError(
                 f"logvar_min: expected a value below logvar_max={self.logvar_max}, got {self.logvar_min}"

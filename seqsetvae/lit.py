@@ -50,6 +50,7 @@ class PretrainModule(pl.LightningModule):
         self.log("train/loss", out["loss"], batch_size=batch_size, prog_bar=True)
         self.log("train/recon_loss", out["recon"], batch_size=batch_size)
         self.log("train/kl_loss", out["kl_raw"], batch_size=batch_size)
+        self.log("train/history_loss", out["recon_history"], batch_size=batch_size)
         self.log("train/beta", beta, batch_size=batch_size)
         active = self.model.active_units(out["post_mu"].detach(), batch["set_mask"])
         self.log("train/active_units", active, batch_size=batch_size)
@@ -92,12 +93,13 @@ class ValidationSums:
 
     `values` is a float64 vector. Its first three entries are the number of
     sets and the set-weighted sums of the presence and value reconstruction
-    losses. Three blocks of Z follow: the set-weighted KL sum of each latent
+    losses; the fourth is the set-weighted sum of the weighted history loss.
+    Three blocks of Z follow: the set-weighted KL sum of each latent
     dimension, and the sums of the posterior mean and of its square.
     """
 
     def __init__(self, latent_dim: int, device: torch.device) -> None:
-        self.values = torch.zeros(3 + 3 * latent_dim, dtype=torch.float64, device=device)
+        self.values = torch.zeros(4 + 3 * latent_dim, dtype=torch.float64, device=device)
 
     def add(self, out: dict[str, torch.Tensor], set_mask: torch.Tensor) -> None:
         """Add one batch: `out` from SeqSetVAE.forward, `set_mask` [B, S]."""
@@ -107,6 +109,7 @@ class ValidationSums:
             n_sets[None],
             (out["recon_presence"].detach().double() * n_sets)[None],
             (out["recon_value"].detach().double() * n_sets)[None],
+            ((out["recon"] - out["recon_presence"] - out["recon_value"]).detach().double() * n_sets)[None],
             out["kl_per_dim"].detach().double() * n_sets,
             means.sum(dim=0),
             means.pow(2).sum(dim=0),
@@ -117,11 +120,11 @@ class ValidationSums:
     def metrics(values: torch.Tensor, latent_dim: int, free_bits: float) -> dict[str, torch.Tensor]:
         """Return the split-level losses in nats per set, and the fraction of active latent units."""
         n_sets = values[0].clamp(min=1)
-        kl_sums, mean_sums, square_sums = values[3:].view(3, latent_dim)
+        kl_sums, mean_sums, square_sums = values[4:].view(3, latent_dim)
         kl_per_dim = kl_sums / n_sets
         variance = square_sums / n_sets - (mean_sums / n_sets).pow(2)
         return {
-            "recon_loss": (values[1] + values[2]) / n_sets,
+            "recon_loss": (values[1] + values[2] + values[3]) / n_sets,
             "kl_loss": kl_per_dim.sum(),
             "penalised_kl": kl_per_dim.clamp(min=free_bits).sum(),
             "active_units": (variance > ACTIVE_UNIT_THRESHOLD).double().mean(),

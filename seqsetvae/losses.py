@@ -118,6 +118,66 @@ def set_targets(codes: Tensor, values: Tensor, has_value: Tensor, event_mask: Te
     }
 
 
+HISTORY_VALUE_STATISTICS = ("last", "min", "max", "mean")
+"""Running statistics of each code's values over sets <= t that the history decoder predicts, in this order."""
+
+HISTORY_OUTPUTS = len(HISTORY_VALUE_STATISTICS) + 2
+"""Outputs per code of the history decoder: the value statistics, log(1 + event count) and a seen logit."""
+
+
+def history_targets(targets: dict) -> dict:
+    """Summarise, for each set t, every code's events in sets 0..t.
+
+    Takes the output of `set_targets` and returns a dict of [B, S, V, 4]
+    `values` (the last, minimum, maximum and mean of the code's per-set mean
+    values, in HISTORY_VALUE_STATISTICS order, 0 where the code has no value
+    yet), [B, S, V] `has_value` (True once the code has had a value), [B, S, V]
+    `log_count` (log(1 + number of sets so far in which the code occurs)) and
+    [B, S, V] `seen` (1.0 once the code has occurred). Padded sets have no
+    events, so they carry the statistics of the last valid set forward.
+    """
+    value, has_value, presence = targets["value"], targets["has_value"], targets["presence"]
+    positions = torch.arange(value.shape[1], device=value.device).view(1, -1, 1)  # [1, S, 1]
+    last_index = torch.where(has_value, positions, -1).cummax(dim=1).values  # [B, S, V]
+    ever_valued = last_index >= 0
+    last = value.gather(1, last_index.clamp(min=0))
+    # Normalised values are clipped and finite, so +-inf only marks sets without a value.
+    low = value.masked_fill(~has_value, float("inf")).cummin(dim=1).values
+    high = value.masked_fill(~has_value, float("-inf")).cummax(dim=1).values
+    value_count = has_value.to(value.dtype).cumsum(dim=1)
+    mean = (value * has_value).cumsum(dim=1) / value_count.clamp(min=1)
+    statistics = torch.stack([last, low, high, mean], dim=-1)  # [B, S, V, 4]
+    set_count = presence.cumsum(dim=1)  # [B, S, V]
+    return {
+        "values": statistics.masked_fill(~ever_valued[..., None], 0.0),
+        "has_value": ever_valued,
+        "log_count": torch.log1p(set_count),
+        "seen": (set_count > 0).to(value.dtype),
+    }
+
+
+def history_loss(prediction: Tensor, history: dict, set_mask: Tensor) -> Tensor:
+    """Return the history reconstruction loss, a scalar in nats per set.
+
+    For every code except PAD: 0.5 * squared error of each value statistic the
+    code has, 0.5 * squared error of log(1 + count) and the binary
+    cross-entropy of `seen`, summed over codes and statistics, then averaged
+    over valid sets.
+
+    Args:
+        prediction: [B, S, V, HISTORY_OUTPUTS] output of the history decoder.
+        history: The output of `history_targets`.
+        set_mask: [B, S] valid sets.
+    """
+    n_values = len(HISTORY_VALUE_STATISTICS)
+    code_columns = (torch.arange(prediction.shape[2], device=prediction.device) != PAD_CODE).to(prediction.dtype)
+    value_error = 0.5 * (prediction[..., :n_values] - history["values"]).pow(2).sum(-1) * history["has_value"]
+    count_error = 0.5 * (prediction[..., n_values] - history["log_count"]).pow(2)
+    seen_error = F.binary_cross_entropy_with_logits(prediction[..., n_values + 1], history["seen"], reduction="none")
+    per_set = ((value_error + count_error + seen_error) * code_columns).sum(-1)  # [B, S]
+    return mean_over_sets(per_set, set_mask)
+
+
 def reconstruction_losses(
     presence_logits: Tensor, value_pred: Tensor, targets: dict, set_mask: Tensor
 ) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,8 @@ from seqsetvae.losses import (
     binary_focal_loss,
     free_bits_kl,
     gaussian_kl,
+    history_loss,
+    history_targets,
     mean_over_sets,
     reconstruction_losses,
     set_targets,
@@ -173,3 +175,64 @@ def test_reconstruction_by_hand():
     presence, value = reconstruction_losses(torch.zeros(1, 2, 5), torch.ones(1, 2, 5), targets, set_mask)
     assert presence.item() == pytest.approx(4 * math.log(2.0), rel=1e-6)
     assert value.item() == pytest.approx(0.5, rel=1e-6)
+
+
+def reference_history(value: torch.Tensor, has_value: torch.Tensor, presence: torch.Tensor) -> dict:
+    """Per-code running statistics by explicit loops over subjects, sets and codes."""
+    b, s, v = value.shape
+    out = {"values": torch.zeros(b, s, v, 4), "has_value": torch.zeros(b, s, v, dtype=torch.bool)}
+    out["log_count"], out["seen"] = torch.zeros(b, s, v), torch.zeros(b, s, v)
+    for i in range(b):
+        for code in range(v):
+            seen_values, count = [], 0
+            for t in range(s):
+                if has_value[i, t, code]:
+                    seen_values.append(float(value[i, t, code]))
+                count += int(presence[i, t, code])
+                out["log_count"][i, t, code] = math.log1p(count)
+                out["seen"][i, t, code] = float(count > 0)
+                if seen_values:
+                    out["has_value"][i, t, code] = True
+                    statistics = [seen_values[-1], min(seen_values), max(seen_values), sum(seen_values) / len(seen_values)]
+                    out["values"][i, t, code] = torch.tensor(statistics)
+    return out
+
+
+def test_history_targets_by_hand():
+    # Code 3 has value 2.0 in set 0; code 2 has value 0.0 in set 1.
+    history = history_targets(set_targets(*hand_events(), vocab_size=5))
+    assert history["values"][0, 1, 3].tolist() == [2.0, 2.0, 2.0, 2.0]
+    assert history["has_value"][0, :, 2].tolist() == [False, True]
+    assert history["seen"][0, :, 4].tolist() == [1.0, 1.0]
+    assert history["log_count"][0, 1, 3].item() == pytest.approx(math.log(2.0))
+
+
+def test_history_targets_match_loop_reference():
+    generator = torch.Generator().manual_seed(3)
+    value = torch.randn(3, 6, 5, generator=generator)
+    presence = (torch.rand(3, 6, 5, generator=generator) < 0.4).float()
+    has_value = (presence > 0) & (torch.rand(3, 6, 5, generator=generator) < 0.7)
+    value = value * has_value
+    history = history_targets({"value": value, "has_value": has_value, "presence": presence})
+    expected = reference_history(value, has_value, presence)
+    assert torch.equal(history["has_value"], expected["has_value"])
+    for key in ("values", "log_count", "seen"):
+        torch.testing.assert_close(history[key], expected[key])
+
+
+def test_history_loss_ignores_codes_without_values_and_padded_sets():
+    history = history_targets(set_targets(*hand_events(), vocab_size=5))
+    perfect = torch.cat(
+        [history["values"], history["log_count"][..., None], torch.full((1, 2, 5, 1), -30.0)], dim=-1
+    )
+    perfect[..., 5] = torch.where(history["seen"] > 0, 30.0, -30.0)
+    loss = history_loss(perfect, history, torch.tensor([[True, True]]))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    # A wrong statistic of a code that has no value yet costs nothing; one of a valued code does.
+    wrong_unvalued = perfect.clone()
+    wrong_unvalued[0, 0, 2, :4] = 9.0
+    assert history_loss(wrong_unvalued, history, torch.tensor([[True, True]])).item() == pytest.approx(0.0, abs=1e-6)
+    wrong_valued = perfect.clone()
+    wrong_valued[0, 0, 3, 0] += 1.0
+    assert history_loss(wrong_valued, history, torch.tensor([[True, True]])).item() == pytest.approx(0.25)
+    assert history_loss(wrong_valued, history, torch.tensor([[False, True]])).item() == pytest.approx(0.0, abs=1e-6)

@@ -392,8 +392,10 @@ def test_forward_train_samples_latents():
 def test_forward_loss_combines_parts():
     with torch.no_grad():
         outputs = make_model()(make_batch([3, 5]), beta=0.3, free_bits=0.05)
-    expected = outputs["recon_presence"] + outputs["recon_value"] + 0.3 * outputs["kl"]
-    assert outputs["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    weight = make_model().config.history_weight
+    assert weight > 0 and outputs["recon_history"].item() > 0
+    recon = outputs["recon_presence"] + outputs["recon_value"] + weight * outputs["recon_history"]
+    assert outputs["loss"].item() == pytest.approx((recon + 0.3 * outputs["kl"]).item(), rel=1e-6)
 
 
 def test_loss_decreases_with_training():
@@ -434,12 +436,14 @@ def test_active_units_without_sets_is_zero():
 def test_encoder_state_prefixes_cover_all_but_decoder():
     keys = make_model().state_dict().keys()
     prefixes = SeqSetVAE.encoder_state_prefixes
-    uncovered = [key for key in keys if not key.startswith(prefixes) and not key.startswith("decoder.")]
+    decoders = ("decoder.", "history_decoder.")
+    assert any(key.startswith("history_decoder.") for key in keys)
+    uncovered = [key for key in keys if not key.startswith(prefixes) and not key.startswith(decoders)]
     assert uncovered == []
 
 
 def test_encoder_state_prefixes_exclude_decoder():
-    assert not any(prefix.startswith("decoder") for prefix in SeqSetVAE.encoder_state_prefixes)
+    assert not any(prefix.startswith(("decoder", "history")) for prefix in SeqSetVAE.encoder_state_prefixes)
 
 
 def test_rejects_mismatched_shapes():

@@ -20,7 +20,16 @@ from torch import Tensor, nn
 
 from seqsetvae.batch import BATCH_KEYS, PAD_CODE
 from seqsetvae.config import ModelConfig
-from seqsetvae.losses import free_bits_kl, gaussian_kl, mean_over_sets, reconstruction_losses, set_targets
+from seqsetvae.losses import (
+    HISTORY_OUTPUTS,
+    free_bits_kl,
+    gaussian_kl,
+    history_loss,
+    history_targets,
+    mean_over_sets,
+    reconstruction_losses,
+    set_targets,
+)
 from seqsetvae.model.blocks import ISAB, PMA, CausalTransformerLayer, TimeGapBias
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -173,6 +182,25 @@ class SetDecoder(nn.Module):
         return presence_logits, values
 
 
+class HistoryDecoder(nn.Module):
+    """Decode a set latent z_t linearly to running statistics of every code over sets <= t.
+
+    The map is linear on purpose: what it decodes, the last, minimum, maximum
+    and mean value, the event count and whether the code has been seen, is then
+    a linear function of the posterior mean, which is what a linear head on the
+    frozen encoder can use.
+    """
+
+    def __init__(self, latent_dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.linear = nn.Linear(latent_dim, vocab_size * HISTORY_OUTPUTS)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Map z [B, S, Z] to [B, S, V, HISTORY_OUTPUTS]."""
+        return self.linear(z).unflatten(-1, (self.vocab_size, HISTORY_OUTPUTS))
+
+
 def product_of_gaussians(
     mu_a: Tensor, logvar_a: Tensor, mu_b: Tensor, logvar_b: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -248,6 +276,7 @@ class SeqSetVAE(nn.Module):
         self.evidence_head = GaussianHead(config.d_model, config.latent_dim, config.logvar_min, config.logvar_max)
         self.prior = CausalPrior(config)
         self.decoder = SetDecoder(config.latent_dim, config.d_model, vocab_size)
+        self.history_decoder = HistoryDecoder(config.latent_dim, vocab_size) if config.history_weight > 0 else None
 
     def summarise_sets(self, batch: dict) -> Tensor:
         """Return the summary [B, S, D] of each set, zeros for padded sets.
@@ -306,7 +335,9 @@ class SeqSetVAE(nn.Module):
             recon_value: 0.5 * squared error summed over the codes present with a
                 value (target: mean of the code's values in the set), averaged
                 over valid sets.
-            recon: recon_presence + recon_value.
+            recon_history: the history loss of seqsetvae.losses.history_loss:
+                running per-code statistics of sets <= t decoded linearly from z_t.
+            recon: recon_presence + recon_value + history_weight * recon_history.
             kl_raw: KL(posterior || prior) averaged over valid sets per latent
                 dimension, then summed over the Z dimensions.
             kl: the same with free bits, sum_z max(kl_z, free_bits).
@@ -328,18 +359,24 @@ class SeqSetVAE(nn.Module):
         presence_logits, value_pred = (output.float() for output in self.decoder(z))  # [B, S, V] each
         targets = set_targets(batch["codes"], batch["values"], batch["has_value"], batch["event_mask"], self.vocab_size)
         recon_presence, recon_value = reconstruction_losses(presence_logits, value_pred, targets, batch["set_mask"])
+        if self.history_decoder is None:
+            recon_history = recon_value.new_zeros(())
+        else:
+            history_pred = self.history_decoder(z).float()  # [B, S, V, HISTORY_OUTPUTS]
+            recon_history = history_loss(history_pred, history_targets(targets), batch["set_mask"])
 
         # Losses are computed in float32, also under bf16 autocast: the KL of close Gaussians is a small
         # difference of large terms.
         gaussians = (post_mu, post_logvar, posterior["prior_mu"], posterior["prior_logvar"])
         kl_elements = gaussian_kl(*(tensor.float() for tensor in gaussians))  # [B, S, Z]
         kl, kl_raw = free_bits_kl(kl_elements, batch["set_mask"], free_bits)
-        recon = recon_presence + recon_value
+        recon = recon_presence + recon_value + self.config.history_weight * recon_history
         return {
             "loss": recon + beta * kl,
             "recon": recon,
             "recon_presence": recon_presence,
             "recon_value": recon_value,
+            "recon_history": recon_history,
             "kl": kl,
             "kl_raw": kl_raw,
             "kl_per_dim": mean_over_sets(kl_elements, batch["set_mask"]),

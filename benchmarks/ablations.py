@@ -1,0 +1,187 @@
+"""Ablations of the pretraining model and the feature definition on one split.
+
+Each run pretrains a SeqSetVAE with a plain single-process Lightning Trainer
+(no Ray, so that runs are cheap to repeat), encodes every labelled split once
+and fits logistic regression probes on several feature definitions:
+
+    last:       [mu, std] of the posterior at the prediction time (the product's features)
+    last_mu:    mu only at the prediction time
+    pooled:     [mu, std] averaged over the valid sets up to the prediction time
+
+A probe is an L2-regularised logistic regression on standardised features whose
+strength is chosen on the tuning split by AUPRC. It is a fast stand-in for the
+focal-loss sweep of `seqsetvae tune`; both are linear in the features. The
+gradient-boosting baseline of `seqsetvae report` runs once per data directory.
+
+    python -m benchmarks.ablations --data MEDS_DIR --out runs/ablations \\
+        --name history --set max_epochs=12 --set history_weight=1
+
+Every `--set key=value` goes to the DataConfig, ModelConfig or PretrainConfig
+field of that name. Results are appended to OUT/results.jsonl, one line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import yaml
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from seqsetvae.cache import SplitCache, ensure_cache, fit_preprocessor
+from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
+from seqsetvae.data import SetSequenceDataModule, SetSequenceDataset, make_loader
+from seqsetvae.lit import PretrainModule
+from seqsetvae.pretrain import EpochProgress
+from seqsetvae.report.baseline import fit_baseline, read_split_events
+from seqsetvae.report.build import cache_label_rows
+
+logger = logging.getLogger(__name__)
+
+PROBE_STRENGTHS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+LABELLED_SPLITS = ("train", "tuning", "held_out")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict]:
+    """Sort `key=value` pairs into data, model and pretrain config dicts; values are parsed as YAML."""
+    owners = {
+        "data": {f.name for f in dataclasses.fields(DataConfig)},
+        "model": {f.name for f in dataclasses.fields(ModelConfig)},
+        "pretrain": {f.name for f in dataclasses.fields(PretrainConfig)},
+    }
+    sorted_overrides: dict[str, dict] = {name: {} for name in owners}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        matches = [name for name, fields in owners.items() if key in fields]
+        if not matches:
+            raise SystemExit(f"--set {pair}: no config field named {key!r}")
+        sorted_overrides[matches[0]][key] = yaml.safe_load(text)
+    return sorted_overrides
+
+
+@torch.no_grad()
+def encode_split(model, cache: SplitCache, max_sets: int) -> dict[str, np.ndarray]:
+    """Return the feature variants [n, *] of every label of `cache`, in label order."""
+    model.eval()
+    loader = make_loader(SetSequenceDataset(cache, max_sets, labelled=True), 256, shuffle=False)
+    parts: dict[str, list[np.ndarray]] = {"last": [], "last_mu": [], "pooled": []}
+    for batch in loader:
+        last = model.features(batch)
+        posterior = model.encode(batch)
+        weights = batch["set_mask"].float()[..., None]  # [B, S, 1]
+        std = torch.exp(0.5 * posterior["post_logvar"])
+        count = weights.sum(1).clamp(min=1)
+        pooled = torch.cat([(posterior["post_mu"] * weights).sum(1), (std * weights).sum(1)], -1) / count
+        parts["last"].append(last.numpy())
+        parts["last_mu"].append(last[:, : model.config.latent_dim].numpy())
+        parts["pooled"].append(pooled.numpy())
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], seed: int) -> dict:
+    """Fit a logistic regression on train, pick its strength on tuning AUPRC, score tuning and held_out."""
+    best = None
+    for strength in PROBE_STRENGTHS:
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(C=strength, max_iter=2000, random_state=seed))
+        classifier.fit(features["train"], labels["train"])
+        tuning_auprc = average_precision_score(labels["tuning"], classifier.predict_proba(features["tuning"])[:, 1])
+        if best is None or tuning_auprc > best[0]:
+            best = (tuning_auprc, strength, classifier)
+    _, strength, classifier = best
+    scores = {"C": strength}
+    for split in ("tuning", "held_out"):
+        probability = classifier.predict_proba(features[split])[:, 1]
+        scores[f"{split}_auroc"] = round(float(roc_auc_score(labels[split], probability)), 4)
+        scores[f"{split}_auprc"] = round(float(average_precision_score(labels[split], probability)), 4)
+    return scores
+
+
+def baseline_scores(meds_root: Path, caches: dict[str, SplitCache], seed: int) -> dict:
+    """Fit the report's gradient-boosting baseline on train; score tuning and held_out."""
+    rows = {split: cache_label_rows(cache) for split, cache in caches.items()}
+    events = {split: read_split_events(meds_root, split) for split in caches}
+    baseline = fit_baseline(events["train"], rows["train"], max_codes=64, seed=seed)
+    scores = {}
+    for split in ("tuning", "held_out"):
+        probability = baseline.predict(events[split], rows[split])
+        scores[f"{split}_auroc"] = round(float(roc_auc_score(rows[split].label, probability)), 4)
+        scores[f"{split}_auprc"] = round(float(average_precision_score(rows[split].label, probability)), 4)
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, type=Path, help="MEDS directory with train, tuning and held_out")
+    parser.add_argument("--out", required=True, type=Path, help="directory for the cache and results.jsonl")
+    parser.add_argument("--name", required=True, help="name of this run in results.jsonl")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+    parser.add_argument("--baseline", action="store_true", help="also score the gradient-boosting baseline")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    overrides = parse_overrides(args.set)
+    data_config = DataConfig(**overrides["data"])
+    model_config = ModelConfig(**overrides["model"])
+    pretrain_config = PretrainConfig(**overrides["pretrain"])
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pl.seed_everything(pretrain_config.seed, workers=True, verbose=False)
+
+    preprocessor = fit_preprocessor(args.data, data_config)
+    cache_dir = args.out / "cache" / data_config.task
+    ensure_cache(args.data, cache_dir, data_config, preprocessor, need_labels=True)
+    caches = {split: SplitCache(cache_dir, split, task=data_config.task) for split in LABELLED_SPLITS}
+
+    result: dict = {"name": args.name, "overrides": overrides}
+    if args.baseline:
+        result["baseline"] = baseline_scores(args.data, caches, pretrain_config.seed)
+        logger.info("Baseline: %s", result["baseline"])
+
+    module = PretrainModule(
+        dataclasses.asdict(model_config), dataclasses.asdict(pretrain_config), preprocessor.to_dict()
+    )
+    datamodule = SetSequenceDataModule(
+        cache_dir, max_sets=data_config.max_sets, batch_size=pretrain_config.batch_size, seed=pretrain_config.seed
+    )
+    trainer = pl.Trainer(
+        max_epochs=pretrain_config.max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        precision=pretrain_config.precision,
+        callbacks=[EpochProgress()],
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    result["pretrain_seconds"] = round(time.perf_counter() - started, 1)
+    result["val"] = {key: round(float(value), 4) for key, value in trainer.callback_metrics.items()}
+
+    encoded = {split: encode_split(module.model, cache, data_config.max_sets) for split, cache in caches.items()}
+    labels = {split: np.asarray(cache.labels["value"], dtype=bool) for split, cache in caches.items()}
+    result["probes"] = {}
+    for variant in encoded["train"]:
+        features = {split: encoded[split][variant] for split in LABELLED_SPLITS}
+        result["probes"][variant] = probe(features, labels, pretrain_config.seed)
+        logger.info("Probe %s: %s", variant, result["probes"][variant])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "results.jsonl", "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
