@@ -119,6 +119,25 @@ def baseline_scores(meds_root: Path, caches: dict[str, SplitCache], seed: int) -
     return scores
 
 
+class ProbeEveryEpochs(pl.Callback):
+    """Probe the product's features every `every` epochs, to see how they improve with pretraining length."""
+
+    def __init__(self, every: int, caches: dict[str, SplitCache], max_sets: int, seed: int) -> None:
+        self.every, self.caches, self.max_sets, self.seed = every, caches, max_sets, seed
+        self.history: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every and epoch != trainer.max_epochs:
+            return
+        encoded = {split: encode_split(pl_module.model, cache, self.max_sets) for split, cache in self.caches.items()}
+        labels = {split: np.asarray(cache.labels["value"], dtype=bool) for split, cache in self.caches.items()}
+        scores = probe({split: encoded[split]["last"] for split in encoded}, labels, self.seed)
+        self.history.append({"epoch": epoch, **scores})
+        logger.info("Epoch %d probe: %s", epoch, scores)
+        pl_module.model.train()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, type=Path, help="MEDS directory with train, tuning and held_out")
@@ -126,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="name of this run in results.jsonl")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     parser.add_argument("--baseline", action="store_true", help="also score the gradient-boosting baseline")
+    parser.add_argument("--probe-every", type=int, default=0, help="also probe every N epochs (0: only at the end)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -152,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     datamodule = SetSequenceDataModule(
         cache_dir, max_sets=data_config.max_sets, batch_size=pretrain_config.batch_size, seed=pretrain_config.seed
     )
+    probes = ProbeEveryEpochs(args.probe_every, caches, data_config.max_sets, pretrain_config.seed) if args.probe_every else None
     trainer = pl.Trainer(
         max_epochs=pretrain_config.max_epochs,
         accelerator="cpu",
@@ -162,11 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         enable_model_summary=False,
         gradient_clip_val=1.0,
         precision=pretrain_config.precision,
-        callbacks=[EpochProgress()],
+        callbacks=[EpochProgress()] + ([probes] if probes else []),
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     result["pretrain_seconds"] = round(time.perf_counter() - started, 1)
+    result["probe_history"] = probes.history if probes else []
     result["val"] = {key: round(float(value), 4) for key, value in trainer.callback_metrics.items()}
 
     encoded = {split: encode_split(module.model, cache, data_config.max_sets) for split, cache in caches.items()}

@@ -32,7 +32,11 @@ class DataConfig:
         task: Name of the label directory under the MEDS root.
     """
 
-    max_sets: int = option(64, "maximum number of sets (time points) kept per subject; older sets are dropped")
+    max_sets: int = option(
+        256,
+        "maximum number of sets (time points) kept per subject; older sets are dropped, and with the first set "
+        "the static events that sit in it",
+    )
     max_events_per_set: int = option(48, "maximum number of events kept per set; extra events are dropped and counted")
     clip_quantile: float = option(
         0.005, "per-code clipping quantile q: values are clipped to the train-split [q, 1-q] quantiles"
