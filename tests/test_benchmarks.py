@@ -89,3 +89,37 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     assert set(runs) == {"float32_batch_8", "bf16_batch_8"}
     for run in runs.values():
         assert run["events_per_second"] > 0
+
+
+def test_reference_matches_without_history_decoder():
+    from test_model import VOCAB, make_batch
+
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=16, latent_dim=4, n_inducing=3, n_heads=2, history_weight=0.0)
+    model = SeqSetVAE(config, VOCAB).eval()
+    assert model.history_decoder is None
+    batch = make_batch([3, 1, 5, 0])
+    expected = reference_loss(model, batch, beta=0.5, free_bits=0.05)
+    assert abs(model(batch, beta=0.5, free_bits=0.05)["loss"].item() - expected.item()) < 1e-5
+
+
+def test_seed_spread_is_mean_and_sample_std():
+    from benchmarks.seeds import FIGURES, spread
+
+    per_seed = {seed: {name: float(seed) for name in FIGURES} for seed in (0, 1, 2)}
+    result = spread(per_seed)
+    assert result["auroc"] == {"mean": 1.0, "std": 1.0}
+    assert spread({0: per_seed[0]})["auprc"]["std"] == 0.0
+
+
+def test_ablation_overrides_go_to_their_config():
+    from benchmarks.ablations import parse_overrides
+
+    overrides = parse_overrides(["max_sets=128", "latent_dim=64", "beta=0.1", "history_weight=0"])
+    assert overrides == {
+        "data": {"max_sets": 128},
+        "model": {"latent_dim": 64, "history_weight": 0},
+        "pretrain": {"beta": 0.1},
+    }
+    with pytest.raises(SystemExit, match="no config field named 'latent'"):
+        parse_overrides(["latent=3"])
