@@ -128,13 +128,17 @@ HISTORY_OUTPUTS = len(HISTORY_VALUE_STATISTICS) + 2
 def history_targets(targets: dict) -> dict:
     """Summarise, for each set t, every code's events in sets 0..t.
 
-    Takes the output of `set_targets` and returns a dict of [B, S, V, 4]
-    `values` (the last, minimum, maximum and mean of the code's per-set mean
-    values, in HISTORY_VALUE_STATISTICS order, 0 where the code has no value
-    yet), [B, S, V] `has_value` (True once the code has had a value), [B, S, V]
-    `log_count` (log(1 + number of sets so far in which the code occurs)) and
-    [B, S, V] `seen` (1.0 once the code has occurred). Padded sets have no
-    events, so they carry the statistics of the last valid set forward.
+    Takes the output of `set_targets` and returns a dict of four tensors:
+
+        values: [B, S, V, 4] last, minimum, maximum and mean of the code's
+            per-set mean values, in HISTORY_VALUE_STATISTICS order. They are 0
+            while the code has no value yet.
+        has_value: [B, S, V] True once the code has had a value.
+        log_count: [B, S, V] log(1 + number of sets so far that contain the code).
+        seen: [B, S, V] 1.0 once the code has occurred.
+
+    Padded sets have no events, so they carry the statistics of the last
+    valid set forward.
     """
     value, has_value, presence = targets["value"], targets["has_value"], targets["presence"]
     positions = torch.arange(value.shape[1], device=value.device).view(1, -1, 1)  # [1, S, 1]
