@@ -51,12 +51,12 @@ logger = logging.getLogger(__name__)
 
 PROBE_STRENGTHS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 LABELLED_SPLITS = ("train", "tuning", "held_out")
-# The report's default; PhysioNet 2012 has 46 codes, so every code is kept either way.
+# The report's default. PhysioNet 2012 has 46 codes, so every code is kept either way.
 BASELINE_MAX_CODES = 500
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict]:
-    """Sort `key=value` pairs into data, model and pretrain config dicts; values are parsed as YAML."""
+    """Sort `key=value` pairs into data, model and pretrain config dicts, parsing each value as YAML."""
     owners = {
         "data": {f.name for f in dataclasses.fields(DataConfig)},
         "model": {f.name for f in dataclasses.fields(ModelConfig)},
@@ -67,7 +67,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict]:
         key, _, text = pair.partition("=")
         matches = [name for name, fields in owners.items() if key in fields]
         if not matches:
-            raise SystemExit(f"--set {pair}: no config field named {key!r}")
+            raise SystemExit(
+                f"invalid --set {pair}: no config field named {key!r}; use a field of DataConfig, ModelConfig or PretrainConfig"
+            )
         sorted_overrides[matches[0]][key] = yaml.safe_load(text)
     return sorted_overrides
 
@@ -79,8 +81,8 @@ def encode_split(model, cache: SplitCache, max_sets: int) -> dict[str, np.ndarra
     loader = make_loader(SetSequenceDataset(cache, max_sets, labelled=True), 256, shuffle=False)
     parts: dict[str, list[np.ndarray]] = {"last": [], "last_mu": [], "pooled": []}
     for batch in loader:
-        last = model.features(batch)
         posterior = model.encode(batch)
+        last = model.features_of(posterior, batch["set_mask"])
         weights = batch["set_mask"].float()[..., None]  # [B, S, 1]
         std = torch.exp(0.5 * posterior["post_logvar"])
         count = weights.sum(1).clamp(min=1)
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="directory for the cache and results.jsonl")
     parser.add_argument("--name", required=True, help="name of this run in results.jsonl")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
-    parser.add_argument("--baseline", action="store_true", help="also score the gradient-boosting baseline")
+    parser.add_argument("--baseline", action="store_true", help="also score the gradient-boosting baseline and a logistic regression on its features")
     parser.add_argument("--baseline-only", action="store_true", help="score the baselines and skip pretraining")
     parser.add_argument("--probe-every", type=int, default=0, help="also probe every N epochs (0: only at the end)")
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@
 Each seed runs `seqsetvae run --config CONFIG --data MEDS_DIR --out OUT/seed-N`
 with N as the pretraining, finetuning, search and report seed; the data split
 stays the one in MEDS_DIR. A seed whose summary.json exists is not run again.
-OUT/seeds.json holds every seed's held-out figures, the report's
+OUT/seeds.json contains every seed's held-out figures, the report's
 gradient-boosting baseline and wall time, and their mean and sample standard
 deviation over the seeds.
 """

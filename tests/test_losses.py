@@ -220,7 +220,7 @@ def test_history_targets_match_loop_reference():
         torch.testing.assert_close(history[key], expected[key])
 
 
-def test_history_loss_ignores_codes_without_values_and_padded_sets():
+def test_history_loss_skips_unvalued_and_padded():
     history = history_targets(set_targets(*hand_events(), vocab_size=5))
     perfect = torch.cat(
         [history["values"], history["log_count"][..., None], torch.full((1, 2, 5, 1), -30.0)], dim=-1

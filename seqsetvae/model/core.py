@@ -388,8 +388,10 @@ class SeqSetVAE(nn.Module):
 
         A subject without valid sets gets the prior at position 0. The decoder is not used.
         """
-        posterior = self.encode(batch)
-        set_mask = batch["set_mask"]
+        return self.features_of(self.encode(batch), batch["set_mask"])
+
+    def features_of(self, posterior: dict, set_mask: Tensor) -> Tensor:
+        """Return the `features` [B, 2Z] of an `encode` output, for callers that also need the rest of it."""
         last = (set_mask.sum(dim=1) - 1).clamp(min=0)  # [B]
         index = last[:, None, None].expand(-1, 1, self.config.latent_dim)  # [B, 1, Z]
 
