@@ -258,8 +258,10 @@ def _new_tuner(
         run_config=tune.RunConfig(
             name=EXPERIMENT_NAME,
             storage_path=storage_path,
+            # Every checkpoint is kept: one holds a linear layer of a few kilobytes, and a checkpoint deleted
+            # after the last state save would make its trial fail on `--resume`.
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+                num_to_keep=None, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             verbose=0,
         ),

@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 
 N_SAMPLES = 5
+# Enough epochs that a trial outlasts Tune's one-second state saves, so the kill lands mid-sweep.
+MAX_EPOCHS = 30
 
 
 def trial_states(experiment: Path) -> dict[str, str]:
@@ -36,10 +38,15 @@ def trial_results(experiment: Path) -> dict[str, str]:
     return {path.parent.name.split("_")[2]: path.read_text() for path in experiment.glob("head_trial_*/result.json")}
 
 
+def trial_errors(experiment: Path) -> str:
+    """Return the error files that Tune wrote for failed trials, joined for an assertion message."""
+    return "\n".join(f"{path.parent.name}: {path.read_text()[-2000:]}" for path in experiment.glob("*/error.txt"))
+
+
 def tune_command(meds: Path, pretrained: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "seqsetvae.cli", "tune", "--data", str(meds), "--pretrained-ckpt", str(pretrained),
-        "--out", str(out), "--num-samples", str(N_SAMPLES), "--max-concurrent-trials", "2", "--max-epochs", "4", *extra,
+        "--out", str(out), "--num-samples", str(N_SAMPLES), "--max-concurrent-trials", "2", "--max-epochs", str(MAX_EPOCHS), *extra,
     ]  # fmt: skip
 
 
@@ -88,7 +95,7 @@ def test_killed_sweep_resumes(small_meds, tiny_pretrained, tmp_path, ray_tmp):
 
     after = trial_states(experiment)
     assert len(after) == N_SAMPLES
-    assert set(after.values()) == {"TERMINATED"}
+    assert set(after.values()) == {"TERMINATED"}, trial_errors(experiment) + resumed.stdout[-3000:]
     assert set(before) <= set(after)
     # A trial that had finished before the kill was not run again.
     results = trial_results(experiment)
@@ -101,5 +108,10 @@ def test_killed_sweep_resumes(small_meds, tiny_pretrained, tmp_path, ray_tmp):
     # The restored Optuna search suggests new points; a fresh one would repeat the first suggestions.
     configs = trials.filter(like="config/").map(repr).agg("|".join, axis=1)
     assert configs.nunique() == N_SAMPLES
-    assert (trials["epochs"] == 4).all()
+    assert (trials["epochs"] == MAX_EPOCHS).all()
     assert (out / "best" / "head.safetensors").is_file()
+    # Tune deletes no checkpoint, so none that a saved state refers to can be missing on resume.
+    for directory in experiment.glob("head_trial_*"):
+        results = [json.loads(line) for line in (directory / "result.json").read_text().splitlines()]
+        reported = {result["checkpoint_dir_name"] for result in results if result.get("checkpoint_dir_name")}
+        assert reported <= {path.name for path in directory.glob("checkpoint_*")}, directory.name
