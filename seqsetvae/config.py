@@ -161,6 +161,10 @@ class FinetuneConfig:
         focal_alpha: Weight of the positive class in focal loss; None applies no class weight.
         head_init: `normal` draws weights from N(0, 0.01); `xavier` uses Xavier-uniform;
             `zero_logodds` sets weights to 0 and the bias to the log-odds of the train prevalence.
+        standardize: The features of one encoder differ in scale by orders of magnitude, so with a
+            fixed learning rate and weight decay the head would favour the widest ones. Training on
+            standardised features and folding the scaling into the weights afterwards gives every
+            feature the same footing, and the saved head is still one linear layer on `[mu, std]`.
     """
 
     focal_gamma: float = option(2.0, "focal loss focusing parameter gamma (0 gives cross-entropy)")
@@ -171,6 +175,9 @@ class FinetuneConfig:
     max_epochs: int = option(40, "finetuning epochs")
     batch_size: int = option(256, "labelled samples per batch")
     seed: int = option(0, "random seed")
+    standardize: bool = option(
+        True, "train the head on features centred and scaled by their train mean and std (folded into the saved layer)"
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, "max_epochs", "batch_size")

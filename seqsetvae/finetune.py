@@ -15,7 +15,7 @@ from seqsetvae.cache import TRAINING_SPLITS, SplitCache, ensure_cache
 from seqsetvae.checkpoint import load_weights_only, pretrained_hparams
 from seqsetvae.config import DataConfig, FinetuneConfig
 from seqsetvae.data import SetSequenceDataModule
-from seqsetvae.encoder import PretrainedEncoder
+from seqsetvae.encoder import PretrainedEncoder, compute_features
 from seqsetvae.export import export_model
 from seqsetvae.lit import FinetuneModule
 from seqsetvae.preprocess import Preprocessor
@@ -53,6 +53,10 @@ def run_finetune(
         prevalence=float(np.mean(train_labels)),
     )
     module.load_encoder_state(content["state_dict"], str(pretrained_ckpt))
+    if finetune_config.standardize:
+        # One pass over the train split gives the statistics that the head's input is standardised by.
+        train_cache = SplitCache(cache, "train", task=data_config.task)
+        module.set_feature_scaling(compute_features(module.encoder, train_cache, data_config.max_sets)["features"])
     datamodule = SetSequenceDataModule(
         cache, data_config.max_sets, finetune_config.batch_size, task=data_config.task, seed=finetune_config.seed
     )

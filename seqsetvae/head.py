@@ -59,6 +59,8 @@ def train_head(
     pl.seed_everything(config.seed, verbose=False)
     prevalence = float(np.mean(train["label"]))
     module = FinetuneModule(model_config, asdict(config), preprocessing, prevalence=prevalence, with_encoder=False)
+    if config.standardize:
+        module.set_feature_scaling(train["features"])
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         accelerator="cpu",

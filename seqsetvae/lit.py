@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
@@ -18,6 +19,9 @@ from seqsetvae.losses import binary_focal_loss
 from seqsetvae.model.core import ACTIVE_UNIT_THRESHOLD, SeqSetVAE
 
 logger = logging.getLogger(__name__)
+
+# A train feature whose std is below this is treated as constant and left unscaled.
+FEATURE_SCALE_FLOOR = 1e-8
 
 
 class PretrainModule(pl.LightningModule):
@@ -180,6 +184,9 @@ class FinetuneModule(pl.LightningModule):
             self.freeze_encoder()
         self.head = nn.Linear(2 * model_cfg.latent_dim, 1)
         init_head(self.head, self.config.head_init, prevalence)
+        # The head sees (features - feature_mean) / feature_scale; identity until set_feature_scaling.
+        self.register_buffer("feature_mean", torch.zeros(2 * model_cfg.latent_dim))
+        self.register_buffer("feature_scale", torch.ones(2 * model_cfg.latent_dim))
         self.val_auroc = BinaryAUROC()
         self.val_auprc = BinaryAveragePrecision()
         self.val_accuracy = BinaryAccuracy()
@@ -222,13 +229,27 @@ class FinetuneModule(pl.LightningModule):
         with torch.no_grad():
             return self.encoder.features(batch)
 
+    def set_feature_scaling(self, train_features: torch.Tensor | np.ndarray) -> None:
+        """Centre and scale the head's input by the mean and std of the train features [N, 2Z].
+
+        A feature that is constant on the train split keeps scale 1.
+        """
+        features = torch.as_tensor(np.asarray(train_features), dtype=torch.float64)
+        std = features.std(dim=0, correction=0)
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_scale.copy_(torch.where(std > FEATURE_SCALE_FLOOR, std, torch.ones_like(std)))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Return the head's logits [B] for `[mu, std]` features [B, 2Z]."""
+        return self.head((features - self.feature_mean) / self.feature_scale).squeeze(-1)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Return logits [B]."""
-        return self.head(self.features(batch)).squeeze(-1)
+        return self.logits(self.features(batch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.features(batch)
-        logits = self.head(features).squeeze(-1)
+        logits = self.logits(features)
         loss = binary_focal_loss(logits, batch["label"], self.config.focal_gamma, self.config.focal_alpha)
         half = features.shape[-1] // 2
         batch_size = features.shape[0]
@@ -285,4 +306,10 @@ class FinetuneModule(pl.LightningModule):
         return torch.optim.Adam(self.head.parameters(), lr=self.config.head_lr, weight_decay=self.config.weight_decay)
 
     def head_state(self) -> dict[str, Any]:
-        return {key: value.detach().cpu() for key, value in self.head.state_dict().items()}
+        """Return the weight and bias of one linear layer on raw `[mu, std]`, with the feature scaling folded in.
+
+        w' = w / scale and b' = b - w' . mean give w' x + b' = w (x - mean) / scale + b.
+        """
+        weight = self.head.weight.detach().double() / self.feature_scale.double()
+        bias = self.head.bias.detach().double() - weight @ self.feature_mean.double()
+        return {"weight": weight.float().cpu(), "bias": bias.float().cpu()}
