@@ -6,6 +6,9 @@
 Each seed runs `seqsetvae run --config CONFIG --data MEDS_DIR --out OUT/seed-N`
 with N as the pretraining, finetuning, search and report seed; the data split
 stays the one in MEDS_DIR. A seed whose summary.json exists is not run again.
+With --pretrained-from RUNS, each seed skips pretraining and sweeps heads on
+RUNS/seed-N/pretrain/pretrained.pt, the encoder of an earlier seed run: this
+measures a change to the head stage on the same encoders.
 OUT/seeds.json contains every seed's held-out figures, the report's
 gradient-boosting baseline and wall time, and their mean and sample standard
 deviation over the seeds.
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="MEDS directory")
     parser.add_argument("--out", required=True, type=Path, help="directory of the seed runs and seeds.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run")
+    parser.add_argument(
+        "--pretrained-from", type=Path, help="directory of earlier seed runs whose encoders are reused"
+    )
     args = parser.parse_args(argv)
 
     per_seed = {}
@@ -63,11 +69,18 @@ def main(argv: list[str] | None = None) -> None:
                 sys.executable, "-m", "seqsetvae.cli", "run", "--config", args.config, "--data", args.data,
                 "--out", str(run_dir), *seed_flags,
             ]  # fmt: skip
+            if args.pretrained_from:
+                command += ["--pretrained-ckpt", str(args.pretrained_from / f"seed-{seed}" / "pretrain" / "pretrained.pt")]
             subprocess.run(command, check=True)
         per_seed[seed] = seed_figures(json.loads((run_dir / "summary.json").read_text()))
         print(f"seed {seed}: {json.dumps(per_seed[seed])}", flush=True)
 
-    result = {"config": args.config, "seeds": per_seed, "spread": spread(per_seed)}
+    result = {
+        "config": args.config,
+        "pretrained_from": str(args.pretrained_from) if args.pretrained_from else None,
+        "seeds": per_seed,
+        "spread": spread(per_seed),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["spread"], indent=2))

@@ -139,6 +139,10 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, out_help: str, add_ra
     """Add the options of the whole pipeline, shared by `run` and `submit`."""
     _add_data_path(parser, required=False)
     parser.add_argument("--out", help=out_help)
+    parser.add_argument(
+        "--pretrained-ckpt",
+        help="skip pretraining and sweep heads on this encoder: pretrained.pt or a Lightning .ckpt",
+    )
     add_ray_options(parser)
     for cls, prefix in PIPELINE_CONFIGS:
         add_config_options(parser, cls, prefix=prefix)
@@ -289,13 +293,14 @@ def cmd_run(values: dict[str, Any]) -> int:
         address=values.get("address"),
         storage=values.get("storage"),
         report_config=build_config(ReportConfig, values),
+        pretrained_ckpt=values.get("pretrained_ckpt"),
     )
     print(format_summary(summary))
     return 0
 
 
 # Options of `submit`, besides the config fields, that the job receives; unset ones are left out.
-PIPELINE_OPTIONS = ("data", "cache_dir", "out", "storage", "log_level")
+PIPELINE_OPTIONS = ("data", "cache_dir", "out", "pretrained_ckpt", "storage", "log_level")
 
 
 def pipeline_arguments(values: dict[str, Any]) -> list[str]:

@@ -35,8 +35,13 @@ def run_pipeline(
     address: str | None = None,
     storage: str | None = None,
     report_config: ReportConfig | None = None,
+    pretrained_ckpt: str | Path | None = None,
 ) -> dict:
-    """Run every stage and write `<out_dir>/summary.json`; return the summary."""
+    """Run every stage and write `<out_dir>/summary.json`; return the summary.
+
+    With `pretrained_ckpt`, pretraining is skipped: the heads are swept on that
+    encoder, and the cache uses the preprocessing stored with it.
+    """
     from tune.sweep import run_sweep  # the sweep entry point lives in the top-level tune package
 
     out = Path(out_dir).resolve()
@@ -50,29 +55,38 @@ def run_pipeline(
         return time.monotonic()
 
     begin = stage("tensor cache", 1)
-    preprocessor = fit_preprocessor(meds_root, data_config)
+    given = load_pretrained_encoder(pretrained_ckpt) if pretrained_ckpt else None
+    preprocessor = given.preprocessor if given else fit_preprocessor(meds_root, data_config)
     # Every split is checked here, so a missing held-out split fails before training and not at the end.
     ensure_cache(meds_root, cache, data_config, preprocessor, required=SPLITS, need_labels=True)
     stage_seconds["cache"] = time.monotonic() - begin
 
     begin = stage("pretraining", 2)
-    pretrained = run_pretraining(
-        meds_root,
-        out / "pretrain",
-        data_config,
-        model_config,
-        pretrain_config,
-        cache_dir=cache,
-        storage=storage,
-        address=address,
-        preprocessor=preprocessor,
-    )
+    if pretrained_ckpt:
+        logger.info("Skipping pretraining: the heads are swept on the encoder in %s", pretrained_ckpt)
+        pretrained_path, best_val_loss = str(Path(pretrained_ckpt).resolve()), None
+        # The report draws the pretraining curves when the checkpoint sits in a pretraining directory.
+        pretrain_dir = Path(pretrained_path).parent
+    else:
+        pretrained = run_pretraining(
+            meds_root,
+            out / "pretrain",
+            data_config,
+            model_config,
+            pretrain_config,
+            cache_dir=cache,
+            storage=storage,
+            address=address,
+            preprocessor=preprocessor,
+        )
+        pretrained_path, pretrain_dir = pretrained.pretrained_path, out / "pretrain"
+        best_val_loss = pretrained.best_val_loss
     stage_seconds["pretrain"] = time.monotonic() - begin
 
     begin = stage("head sweep", 3)
     sweep = run_sweep(
         meds_root,
-        pretrained.pretrained_path,
+        pretrained_path,
         out / "sweep",
         data_config,
         finetune_config,
@@ -84,7 +98,7 @@ def run_pipeline(
     stage_seconds["tune"] = time.monotonic() - begin
 
     begin = stage("export", 4)
-    encoder = load_pretrained_encoder(pretrained.pretrained_path)
+    encoder = load_pretrained_encoder(pretrained_path)
     export_dir = export_model(
         encoder,
         load_head_state(Path(sweep.best_dir) / HEAD_FILE),
@@ -109,7 +123,7 @@ def run_pipeline(
         report_config,
         cache_dir=cache,
         sweep_dir=out / "sweep",
-        pretrain_dir=out / "pretrain",
+        pretrain_dir=pretrain_dir,
     )
     stage_seconds["report"] = time.monotonic() - begin
 
@@ -120,8 +134,8 @@ def run_pipeline(
         "val_auroc": sweep.val_auroc,
         "held_out": {key: held_out[key] for key in ("auroc", "auprc", "accuracy", "n", "n_positive")},
         "export_dir": str(export_dir),
-        "pretrained": pretrained.pretrained_path,
-        "pretrain_best_val_loss": pretrained.best_val_loss,
+        "pretrained": pretrained_path,
+        "pretrain_best_val_loss": best_val_loss,
         "sweep_dir": str(out / "sweep"),
         "evaluation_dir": str(out / "evaluation"),
         "report": {

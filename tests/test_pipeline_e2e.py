@@ -175,3 +175,25 @@ def test_best_export_from_run_directory(run_dir, tmp_path):
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert config["finetune_config"] == summary["best_params"]
+
+
+def test_run_on_a_given_encoder_skips_pretraining(run_dir, small_meds, tmp_path):
+    from safetensors.torch import load_file
+
+    pretrained = run_dir / "pretrain" / "pretrained.pt"
+    code = main(
+        [
+            "run", "--data", str(small_meds), "--out", str(tmp_path), "--pretrained-ckpt", str(pretrained),
+            "--num-samples", "2", "--max-concurrent-trials", "2", "--finetune-max-epochs", "2",
+            "--bootstrap-resamples", "50", "--max-sets", "24", "--max-events-per-set", "24",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pretrained"] == str(pretrained.resolve())
+    assert summary["pretrain_best_val_loss"] is None
+    assert not (tmp_path / "pretrain").exists()
+    assert summary["held_out"]["n"] == 40
+    exported = load_file(str(tmp_path / "export" / "encoder.safetensors"))
+    expected = load_file(str(run_dir / "export" / "encoder.safetensors"))
+    assert all((exported[key] == expected[key]).all() for key in expected)
