@@ -49,6 +49,9 @@ class DataConfig:
             raise UserInputError(f"clip_quantile: expected a value in [0, 0.5), got {self.clip_quantile}")
 
 
+VALUE_EMBEDDINGS = ("mlp", "linear")
+
+
 @dataclass
 class ModelConfig:
     """Widths and depths of the sequence-of-sets VAE.
@@ -64,6 +67,8 @@ class ModelConfig:
         logvar_min: Lower clamp of every log-variance.
         logvar_max: Upper clamp of every log-variance.
         history_weight: Weight of the history reconstruction loss; 0 builds no history decoder.
+        value_embedding: `mlp` embeds a value with Linear-GELU-Linear, so the embedding can bend
+            (abnormal on both sides of a reference range); `linear` uses one Linear(1, D).
     """
 
     d_model: int = option(64, "model width D (embedding and attention size)")
@@ -80,6 +85,7 @@ class ModelConfig:
         "weight of the history reconstruction loss, in which a linear decoder predicts from each set latent every "
         "code's last, minimum, maximum and mean value, event count and presence so far; 0 turns it off",
     )
+    value_embedding: str = option("mlp", f"value embedding, one of {', '.join(VALUE_EMBEDDINGS)}")
 
     def __post_init__(self) -> None:
         _check_positive(self, "d_model", "latent_dim", "n_inducing", "n_heads", "n_set_layers", "n_seq_layers")
@@ -89,6 +95,10 @@ class ModelConfig:
             raise UserInputError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if self.history_weight < 0:
             raise UserInputError(f"history_weight: expected a value >= 0, got {self.history_weight}")
+        if self.value_embedding not in VALUE_EMBEDDINGS:
+            raise UserInputError(
+                f"value_embedding: expected one of {', '.join(VALUE_EMBEDDINGS)}, got {self.value_embedding!r}"
+            )
         if self.logvar_min >= self.logvar_max:
             raise UserInputError(
                 f"logvar_min: expected a value below logvar_max={self.logvar_max}, got {self.logvar_min}"

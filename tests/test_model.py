@@ -6,7 +6,7 @@ import torch
 from seqsetvae.batch import PAD_CODE
 from seqsetvae.config import ModelConfig
 from seqsetvae.model.blocks import ISAB, PMA, TimeGapBias, causal_attention_allowed, key_padding_mask
-from seqsetvae.model.core import SeqSetVAE, product_of_gaussians
+from seqsetvae.model.core import EventEmbedding, SeqSetVAE, product_of_gaussians
 
 VOCAB = 12
 CONFIG = ModelConfig(d_model=16, latent_dim=4, n_inducing=3, n_heads=2, n_set_layers=2, n_seq_layers=2, dropout=0.0)
@@ -254,6 +254,18 @@ def test_event_embedding_value_zero_differs_from_missing():
     with torch.no_grad():
         embedded = embedding(codes, values, has_value)  # [1, 2, D]
     assert not torch.allclose(embedded[0, 0], embedded[0, 1], atol=1e-4)
+
+
+def test_linear_value_embedding_is_affine_in_the_value():
+    embedding = EventEmbedding(vocab_size=12, d_model=8, value_embedding="linear")
+    codes = torch.tensor([[5, 5, 5]])
+    values = torch.tensor([[0.0, 1.0, 3.0]])
+    has_value = torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        embedded = embedding(codes, values, has_value)[0]  # [3, D]
+    # Equal steps in value give equal steps in the embedding; an MLP's GELU would bend them.
+    torch.testing.assert_close(embedded[2] - embedded[1], 2 * (embedded[1] - embedded[0]))
+    assert len(embedding.value_mlp) == 1
 
 
 def test_event_embedding_missing_value_gradients_finite():

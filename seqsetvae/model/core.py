@@ -46,14 +46,18 @@ class EventEmbedding(nn.Module):
     """Embed an event (code, normalised value) as code_embedding + value part.
 
     The value part is value_mlp(value) when the event has a value and a learned
-    no-value vector otherwise. value_mlp has biases, so a value of 0 embeds
-    differently from a missing value.
+    no-value vector otherwise. value_mlp (Linear-GELU-Linear, or one Linear with
+    `value_embedding="linear"`) has biases, so a value of 0 embeds differently
+    from a missing value.
     """
 
-    def __init__(self, vocab_size: int, d_model: int) -> None:
+    def __init__(self, vocab_size: int, d_model: int, value_embedding: str = "mlp") -> None:
         super().__init__()
         self.code = nn.Embedding(vocab_size, d_model, padding_idx=PAD_CODE)
-        self.value_mlp = nn.Sequential(nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        if value_embedding == "linear":
+            self.value_mlp = nn.Sequential(nn.Linear(1, d_model))
+        else:
+            self.value_mlp = nn.Sequential(nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.no_value = nn.Parameter(torch.randn(d_model) * 0.02)  # [D]
 
     def forward(self, codes: Tensor, values: Tensor, has_value: Tensor) -> Tensor:
@@ -69,7 +73,7 @@ class SetEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__()
-        self.embedding = EventEmbedding(vocab_size, config.d_model)
+        self.embedding = EventEmbedding(vocab_size, config.d_model, config.value_embedding)
         self.layers = nn.ModuleList(
             ISAB(config.d_model, config.n_heads, config.n_inducing) for _ in range(config.n_set_layers)
         )
