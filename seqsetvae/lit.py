@@ -303,7 +303,11 @@ class FinetuneModule(pl.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.head.parameters(), lr=self.config.head_lr, weight_decay=self.config.weight_decay)
+        optimizer = torch.optim.Adam(self.head.parameters(), lr=self.config.head_lr, weight_decay=self.config.weight_decay)
+        # The learning rate decays to 0 over the run along a half cosine, so the head after the last
+        # epoch has settled rather than being one step of a full-rate walk around the optimum.
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.config.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
     def head_state(self) -> dict[str, Any]:
         """Return the weight and bias of one linear layer on raw `[mu, std]`, with the feature scaling folded in.

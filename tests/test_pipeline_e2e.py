@@ -59,7 +59,11 @@ def test_best_trial_is_chosen(run_dir):
     trials = pd.read_csv(run_dir / "sweep" / "trials.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(trials) == 3
-    assert summary["val_auprc"] == pytest.approx(trials["best_val_auprc"].max(), abs=1e-6)
+    assert summary["val_auprc"] == pytest.approx(trials["val_auprc"].max(), abs=1e-6)
+    # The kept head is the one after the final epoch, and its tuning AUPRC ranks the trial.
+    saved = json.loads((run_dir / "sweep" / "best" / "params.json").read_text())
+    assert saved["metrics"]["epoch"] == 3
+    assert saved["metrics"]["val/auprc"] == pytest.approx(summary["val_auprc"], abs=1e-6)
     for key in ("focal_gamma", "focal_alpha", "head_init", "head_lr"):
         assert key in summary["best_params"]
 
@@ -197,3 +201,22 @@ def test_run_on_a_given_encoder_skips_pretraining(run_dir, small_meds, tmp_path)
     exported = load_file(str(tmp_path / "export" / "encoder.safetensors"))
     expected = load_file(str(run_dir / "export" / "encoder.safetensors"))
     assert all((exported[key] == expected[key]).all() for key in expected)
+
+
+def test_sweep_keeps_the_best_epoch_when_asked(run_dir, small_meds, tmp_path):
+    out = tmp_path / "sweep"
+    code = main(
+        ["tune", "--data", str(small_meds), "--pretrained-ckpt", str(run_dir / "pretrain" / "pretrained.pt"),
+         "--out", str(out), "--num-samples", "2", "--max-concurrent-trials", "2", "--max-epochs", "6",
+         "--trial-epoch", "best", "--max-sets", "24", "--max-events-per-set", "24"]
+    )  # fmt: skip
+    assert code == 0
+    saved = json.loads((out / "best" / "params.json").read_text())
+    trials = pd.read_csv(out / "trials.csv")
+    best = trials.iloc[0]
+    [trial_dir] = (out / "ray_results" / "sweep").glob(f"head_trial_{best['trial_id']}_*")
+    history = pd.read_json(trial_dir / "result.json", lines=True)
+    # The kept head is the first epoch with the trial's highest tuning AUPRC, and that value ranks the trial.
+    assert saved["metrics"]["epoch"] == int(history.loc[history["val/auprc"].idxmax(), "epoch"])
+    assert best["val_auprc"] == pytest.approx(history["val/auprc"].max(), abs=1e-6)
+    assert saved["metrics"]["val/auprc"] == pytest.approx(trials["val_auprc"].max(), abs=1e-6)

@@ -39,11 +39,11 @@ US_PER_HOUR = 3_600_000_000
 # A finished sweep as `seqsetvae tune` writes it: one trial without focal_alpha
 # (the None category) and one failed trial without a value.
 TRIALS_CSV = """\
-trial_number,trial_id,config/focal_gamma,config/focal_alpha,config/head_init,config/head_lr,config/weight_decay,best_val_auprc,epochs,status
-3,c3,1.5,0.75,normal,0.0005,0.0001,0.41,40,TERMINATED
+trial_number,trial_id,config/focal_gamma,config/focal_alpha,config/head_init,config/head_lr,config/weight_decay,val_auprc,epochs,status
+3,c3,1.5,0.75,normal,0.005,0.0001,0.41,40,TERMINATED
 1,a1,2.0,,normal,0.003,0.0,0.38,40,TERMINATED
-5,e5,4.1,0.9,zero_logodds,0.0002,0.0,0.35,40,TERMINATED
-2,b2,0.7,0.25,xavier,0.02,0.001,0.22,40,TERMINATED
+5,e5,4.1,0.9,zero_logodds,0.002,0.0,0.35,40,TERMINATED
+2,b2,0.7,0.25,xavier,0.009,0.001,0.22,40,TERMINATED
 4,d4,3.3,,xavier,0.008,0.001,0.19,40,TERMINATED
 6,f6,2.5,0.5,normal,0.001,0.0001,,0,ERROR
 """
@@ -270,7 +270,13 @@ def test_trial_table_reads_as_written(trained):
     trials = load_trials(trained / "sweep")
     assert list(trials["trial_number"]) == [3, 1, 5, 2, 4, 6]
     assert trials["focal_alpha"].isna().sum() == 2
-    assert pd.isna(trials.loc[trials["status"] == "ERROR", "best_val_auprc"]).all()
+    assert pd.isna(trials.loc[trials["status"] == "ERROR", "val_auprc"]).all()
+
+
+def test_trial_table_of_an_older_sweep_reads(tmp_path):
+    (tmp_path / "trials.csv").write_text(TRIALS_CSV.replace("val_auprc", "best_val_auprc"))
+    trials = load_trials(tmp_path)
+    assert trials["val_auprc"].max() == 0.41
 
 
 def test_report_rejects_data_without_tuning(trained, tmp_path, capsys):

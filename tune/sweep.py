@@ -49,23 +49,35 @@ STATE_SAVE_SECONDS = "1"
 
 
 class ReportToTune(pl.Callback):
-    """Reports validation metrics to Tune after every epoch, with a head checkpoint when `metric` improves."""
+    """Reports validation metrics to Tune after every epoch, with a head checkpoint at the epochs that are kept.
 
-    def __init__(self, params: dict[str, Any], metric: str = METRIC, mode: str = "max"):
+    With `trial_epoch="last"` the checkpoint is the head after the final epoch;
+    with `"best"` a checkpoint follows every epoch at which `metric` improves.
+    """
+
+    def __init__(self, params: dict[str, Any], metric: str = METRIC, mode: str = "max", trial_epoch: str = "last"):
         self.params = params
         self.metric = metric
+        self.trial_epoch = trial_epoch
         # Scores are compared as "higher is better".
         self.sign = 1.0 if mode == "max" else -1.0
         self.best = -np.inf
 
+    def keep(self, trainer: pl.Trainer, metrics: dict[str, float]) -> bool:
+        if self.trial_epoch == "last":
+            return trainer.current_epoch == trainer.max_epochs - 1
+        score = self.sign * metrics.get(self.metric, float("nan"))
+        if not np.isfinite(score) or score <= self.best:
+            return False
+        self.best = score
+        return True
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         metrics["epoch"] = trainer.current_epoch
-        score = self.sign * metrics.get(self.metric, float("nan"))
-        if not np.isfinite(score) or score <= self.best:
+        if not self.keep(trainer, metrics):
             tune.report(metrics)
             return
-        self.best = score
         with tempfile.TemporaryDirectory() as directory:
             save_head(pl_module, directory)
             Path(directory, PARAMS_FILE).write_text(json.dumps({"params": self.params, "metrics": metrics}))
@@ -81,6 +93,7 @@ def head_trial(
     preprocessing: dict,
     metric: str = METRIC,
     mode: str = "max",
+    trial_epoch: str = "last",
 ) -> None:
     """Train one head, as a Tune trial, with the sampled settings on the shared features.
 
@@ -89,7 +102,7 @@ def head_trial(
     if tune.get_checkpoint() is not None:
         logger.info("Restarting an interrupted trial from its first epoch")
     finetune_config = FinetuneConfig(**{**base_config, **config})
-    callbacks = [ReportToTune(config, metric, mode)]
+    callbacks = [ReportToTune(config, metric, mode, trial_epoch)]
     train_head(train, val, finetune_config, model_config, preprocessing, callbacks=callbacks)
 
 
@@ -178,6 +191,7 @@ def run_sweep(
             preprocessing=encoder.preprocessing,
             metric=metric,
             mode=mode,
+            trial_epoch=tune_config.trial_epoch,
         ),
         {"cpu": tune_config.cpus_per_trial},
     )
@@ -192,7 +206,8 @@ def run_sweep(
     logger.info("Sweeping %d trials, %d at a time", tune_config.num_samples, tune_config.max_concurrent_trials)
     results = tuner.fit()
 
-    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    # Each trial is ranked by the epoch it keeps: its last, or its best.
+    best = results.get_best_result(metric=metric, mode=mode, scope="last" if tune_config.trial_epoch == "last" else "all")
     checkpoint = best.get_best_checkpoint(metric=metric, mode=mode)
     if checkpoint is None:
         raise RuntimeError(f"no trial reported a finite {metric}; check the trial errors in {experiment_path}")
@@ -201,7 +216,7 @@ def run_sweep(
         _replace_tree(Path(directory), best_dir)
     saved = json.loads((best_dir / PARAMS_FILE).read_text())
     finish_record(experiment_path, checkpoint.path, saved, len(results))
-    _write_trial_table(results, out / "trials.csv")
+    _write_trial_table(results, out / "trials.csv", tune_config.trial_epoch)
     summary = SweepResult(
         best_params={**asdict(finetune_config), **saved["params"]},
         val_auprc=_finite_or_none(saved["metrics"].get(METRIC)),
@@ -292,17 +307,20 @@ def _trial_number(result) -> int | None:
     return int(match.group(1))
 
 
-def _write_trial_table(results, path: Path) -> None:
+def _write_trial_table(results, path: Path, trial_epoch: str = "last") -> None:
+    """Write one row per trial; `val_auprc` is the tuning AUPRC of the epoch the trial keeps."""
     rows = []
     for result in results:
         row = {"trial_number": _trial_number(result), "trial_id": (result.metrics or {}).get("trial_id")}
         row.update({f"config/{k}": v for k, v in (result.config or {}).items()})
         history = result.metrics_dataframe
-        best = float(history[METRIC].max()) if history is not None and METRIC in history else float("nan")
+        value = float("nan")
+        if history is not None and METRIC in history and len(history):
+            value = float(history[METRIC].iloc[-1] if trial_epoch == "last" else history[METRIC].max())
         # A trial restarted on resume reports its epochs again, so epochs are counted once each.
         epochs = int(history["epoch"].nunique()) if history is not None and "epoch" in history else 0
-        row.update({"best_val_auprc": best, "epochs": epochs})
+        row.update({"val_auprc": value, "epochs": epochs})
         row["status"] = "ERROR" if result.error else "TERMINATED"
         rows.append(row)
     table = pd.DataFrame(rows).astype({"trial_number": "Int64"})
-    table.sort_values("best_val_auprc", ascending=False).to_csv(path, index=False)
+    table.sort_values("val_auprc", ascending=False).to_csv(path, index=False)

@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 TRIALS_FILE = "trials.csv"
 PARAM_PREFIX = "config/"
-VALUE_COLUMN = "best_val_auprc"
+VALUE_COLUMN = "val_auprc"
+# The name of VALUE_COLUMN in tables written before trials could keep their last epoch.
+OLD_VALUE_COLUMN = "best_val_auprc"
 
 
 def load_trials(sweep_dir: Path) -> pd.DataFrame:
@@ -35,7 +37,7 @@ def load_trials(sweep_dir: Path) -> pd.DataFrame:
     path = sweep_dir / TRIALS_FILE
     if not path.is_file():
         raise UserInputError(f"{path}: file not found; pass the output directory of `seqsetvae tune` as --sweep-dir")
-    trials = pd.read_csv(path)
+    trials = pd.read_csv(path).rename(columns={OLD_VALUE_COLUMN: VALUE_COLUMN})
     missing = [column for column in (VALUE_COLUMN, "epochs", "status") if column not in trials.columns]
     if missing:
         raise UserInputError(f"{path}: missing columns {', '.join(missing)}; expected a trials table written by the sweep")
