@@ -202,7 +202,7 @@ class FinetuneConfig:
             )
 
 
-# Which epoch of a sweep trial is kept and ranked.
+# Choices of the sweep trial's epoch that is kept and ranked.
 TRIAL_EPOCHS = ("last", "best")
 
 

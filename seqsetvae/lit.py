@@ -184,7 +184,7 @@ class FinetuneModule(pl.LightningModule):
             self.freeze_encoder()
         self.head = nn.Linear(2 * model_cfg.latent_dim, 1)
         init_head(self.head, self.config.head_init, prevalence)
-        # The head sees (features - feature_mean) / feature_scale; identity until set_feature_scaling.
+        # The head's input is (features - feature_mean) / feature_scale, the identity until set_feature_scaling.
         self.register_buffer("feature_mean", torch.zeros(2 * model_cfg.latent_dim))
         self.register_buffer("feature_scale", torch.ones(2 * model_cfg.latent_dim))
         self.val_auroc = BinaryAUROC()

@@ -55,8 +55,10 @@ def run_pipeline(
         return time.monotonic()
 
     begin = stage("tensor cache", 1)
-    given = load_pretrained_encoder(pretrained_ckpt) if pretrained_ckpt else None
-    preprocessor = given.preprocessor if given else fit_preprocessor(meds_root, data_config)
+    if pretrained_ckpt:
+        preprocessor = load_pretrained_encoder(pretrained_ckpt).preprocessor
+    else:
+        preprocessor = fit_preprocessor(meds_root, data_config)
     # Every split is checked here, so a missing held-out split fails before training and not at the end.
     ensure_cache(meds_root, cache, data_config, preprocessor, required=SPLITS, need_labels=True)
     stage_seconds["cache"] = time.monotonic() - begin

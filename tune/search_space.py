@@ -14,8 +14,8 @@ from ray import tune
 # Weight of the positive class; None applies no class weight.
 FOCAL_ALPHAS = (None, 0.25, 0.5, 0.75, 0.9)
 # Learning rates of the head. Its input is standardised and its rate decays to 0 along a cosine, so
-# the rates that matter are those that let it converge in the run; on PhysioNet 2012 heads below
-# 1e-3 stayed undertrained after 60 epochs and did worse on the held-out split (docs/results.md).
+# the rates that matter are those that let it converge within the run. On PhysioNet 2012, heads
+# below 1e-3 were still undertrained after 60 epochs and did worse on the held-out split.
 HEAD_LR_RANGE = (1e-3, 1e-2)
 
 

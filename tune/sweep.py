@@ -273,8 +273,8 @@ def _new_tuner(
         run_config=tune.RunConfig(
             name=EXPERIMENT_NAME,
             storage_path=storage_path,
-            # Every checkpoint is kept: one holds a linear layer of a few kilobytes, and a checkpoint deleted
-            # after the last state save would make its trial fail on `--resume`.
+            # Every checkpoint is kept. One contains a linear layer of a few kilobytes, and a checkpoint
+            # deleted after the last state save would make its trial fail on `--resume`.
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=None, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
