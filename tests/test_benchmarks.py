@@ -123,3 +123,17 @@ def test_ablation_overrides_go_to_their_config():
     }
     with pytest.raises(SystemExit, match="no config field named 'latent'"):
         parse_overrides(["latent=3"])
+
+
+def test_ablation_baselines_only(small_meds, tmp_path):
+    from benchmarks.ablations import main
+
+    main(["--data", str(small_meds), "--out", str(tmp_path), "--name", "baselines", "--baseline-only"])
+    [line] = (tmp_path / "results.jsonl").read_text().splitlines()
+    result = json.loads(line)
+    assert result["name"] == "baselines"
+    assert "probes" not in result
+    for model in ("gradient_boosting", "logistic_regression"):
+        scores = result["baseline"][model]
+        for key in ("tuning_auroc", "tuning_auprc", "held_out_auroc", "held_out_auprc"):
+            assert 0.0 <= scores[key] <= 1.0, (model, key)
