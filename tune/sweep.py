@@ -206,11 +206,9 @@ def run_sweep(
     logger.info("Sweeping %d trials, %d at a time", tune_config.num_samples, tune_config.max_concurrent_trials)
     results = tuner.fit()
 
-    # Each trial is ranked by the epoch it keeps: its last, or its best.
-    best = results.get_best_result(metric=metric, mode=mode, scope="last" if tune_config.trial_epoch == "last" else "all")
-    checkpoint = best.get_best_checkpoint(metric=metric, mode=mode)
+    checkpoint = _best_checkpoint(results, metric, mode, tune_config.trial_epoch)
     if checkpoint is None:
-        raise RuntimeError(f"no trial reported a finite {metric}; check the trial errors in {experiment_path}")
+        raise RuntimeError(f"no trial kept a head with a finite {metric}; check the trial errors in {experiment_path}")
     best_dir = out / "best"
     with checkpoint.as_directory() as directory:
         _replace_tree(Path(directory), best_dir)
@@ -307,6 +305,35 @@ def _trial_number(result) -> int | None:
     return int(match.group(1))
 
 
+def _kept_value(history: pd.DataFrame | None, metric: str, mode: str, trial_epoch: str) -> float:
+    """Return `metric` at the epoch a trial keeps: its last, or its best by `mode`; NaN when it has none."""
+    if history is None or metric not in history or not len(history):
+        return float("nan")
+    values = history[metric]
+    if trial_epoch == "last":
+        return float(values.iloc[-1])
+    return float(values.max() if mode == "max" else values.min())
+
+
+def _best_checkpoint(results, metric: str, mode: str, trial_epoch: str):
+    """Return the head checkpoint of the trial whose kept epoch scores best, or None when no trial kept one.
+
+    Ray's own ranking would also consider a trial that failed before its last
+    epoch, which kept no head when `trial_epoch` is `last`.
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    best, best_score = None, -np.inf
+    for result in results:
+        if trial_epoch == "last":
+            checkpoint = result.checkpoint if result.error is None else None
+        else:
+            checkpoint = result.get_best_checkpoint(metric=metric, mode=mode)
+        score = sign * _kept_value(result.metrics_dataframe, metric, mode, trial_epoch)
+        if checkpoint is not None and np.isfinite(score) and score > best_score:
+            best, best_score = checkpoint, score
+    return best
+
+
 def _write_trial_table(results, path: Path, trial_epoch: str = "last") -> None:
     """Write one row per trial; `val_auprc` is the tuning AUPRC of the epoch the trial keeps."""
     rows = []
@@ -314,9 +341,7 @@ def _write_trial_table(results, path: Path, trial_epoch: str = "last") -> None:
         row = {"trial_number": _trial_number(result), "trial_id": (result.metrics or {}).get("trial_id")}
         row.update({f"config/{k}": v for k, v in (result.config or {}).items()})
         history = result.metrics_dataframe
-        value = float("nan")
-        if history is not None and METRIC in history and len(history):
-            value = float(history[METRIC].iloc[-1] if trial_epoch == "last" else history[METRIC].max())
+        value = _kept_value(history, METRIC, "max", trial_epoch)
         # A trial restarted on resume reports its epochs again, so epochs are counted once each.
         epochs = int(history["epoch"].nunique()) if history is not None and "epoch" in history else 0
         row.update({"val_auprc": value, "epochs": epochs})
