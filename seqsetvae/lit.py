@@ -234,7 +234,8 @@ class FinetuneModule(pl.LightningModule):
 
         A feature that is constant on the train split keeps scale 1.
         """
-        features = torch.as_tensor(np.asarray(train_features), dtype=torch.float64)
+        # A copy, because arrays from Ray's object store are read-only.
+        features = torch.from_numpy(np.array(train_features, dtype=np.float64))
         std = features.std(dim=0, correction=0)
         self.feature_mean.copy_(features.mean(dim=0))
         self.feature_scale.copy_(torch.where(std > FEATURE_SCALE_FLOOR, std, torch.ones_like(std)))
