@@ -7,7 +7,7 @@ Each seed runs `seqsetvae run --config CONFIG --data MEDS_DIR --out OUT/seed-N`
 with N as the pretraining, finetuning, search and report seed; the data split
 stays the one in MEDS_DIR. A seed whose summary.json exists is not run again.
 With --pretrained-from RUNS, each seed skips pretraining and sweeps heads on
-RUNS/seed-N/pretrain/pretrained.pt, the encoder of an earlier seed run: this
+RUNS/seed-N/pretrain/pretrained.pt, the encoder of an earlier seed run. This
 measures a change to the head stage on the same encoders.
 OUT/seeds.json contains every seed's held-out figures, the report's
 gradient-boosting baseline and wall time, and their mean and sample standard

@@ -213,7 +213,7 @@ class TuneConfig:
     Attributes:
         trial_epoch: `last` keeps and ranks each trial's head after its final
             epoch. `best` keeps its epoch with the highest tuning AUPRC, which
-            adds a second maximum over a noisy split: on PhysioNet 2012 it
+            adds a second maximum over a noisy split. On PhysioNet 2012 it
             favoured heads stopped early at a low learning rate, which did worse
             on the held-out split (docs/results.md).
     """

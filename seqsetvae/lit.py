@@ -304,9 +304,11 @@ class FinetuneModule(pl.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.head.parameters(), lr=self.config.head_lr, weight_decay=self.config.weight_decay)
-        # The learning rate decays to 0 over the run along a half cosine, so the head after the last
-        # epoch has settled rather than being one step of a full-rate walk around the optimum.
+        optimizer = torch.optim.Adam(
+            self.head.parameters(), lr=self.config.head_lr, weight_decay=self.config.weight_decay
+        )
+        # The learning rate decays to 0 along a half cosine, so the head after the last epoch has
+        # settled instead of still stepping around the optimum at the full rate.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.config.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 

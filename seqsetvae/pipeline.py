@@ -37,9 +37,9 @@ def run_pipeline(
     report_config: ReportConfig | None = None,
     pretrained_ckpt: str | Path | None = None,
 ) -> dict:
-    """Run every stage and write `<out_dir>/summary.json`; return the summary.
+    """Run every stage, write `<out_dir>/summary.json` and return the summary.
 
-    With `pretrained_ckpt`, pretraining is skipped: the heads are swept on that
+    With `pretrained_ckpt`, pretraining is skipped. The heads are swept on that
     encoder, and the cache uses the preprocessing stored with it.
     """
     from tune.sweep import run_sweep  # the sweep entry point lives in the top-level tune package

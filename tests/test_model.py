@@ -256,14 +256,14 @@ def test_event_embedding_value_zero_differs_from_missing():
     assert not torch.allclose(embedded[0, 0], embedded[0, 1], atol=1e-4)
 
 
-def test_linear_value_embedding_is_affine_in_the_value():
+def test_linear_value_embedding_is_affine():
     embedding = EventEmbedding(vocab_size=12, d_model=8, value_embedding="linear")
     codes = torch.tensor([[5, 5, 5]])
     values = torch.tensor([[0.0, 1.0, 3.0]])
     has_value = torch.ones(1, 3, dtype=torch.bool)
     with torch.no_grad():
         embedded = embedding(codes, values, has_value)[0]  # [3, D]
-    # Equal steps in value give equal steps in the embedding; an MLP's GELU would bend them.
+    # Equal steps in value give equal steps in the embedding, which an MLP's GELU would bend.
     torch.testing.assert_close(embedded[2] - embedded[1], 2 * (embedded[1] - embedded[0]))
     assert len(embedding.value_mlp) == 1
 

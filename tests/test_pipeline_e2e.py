@@ -181,7 +181,7 @@ def test_best_export_from_run_directory(run_dir, tmp_path):
     assert config["finetune_config"] == summary["best_params"]
 
 
-def test_run_on_a_given_encoder_skips_pretraining(run_dir, small_meds, tmp_path):
+def test_run_with_encoder_skips_pretraining(run_dir, small_meds, tmp_path):
     from safetensors.torch import load_file
 
     pretrained = run_dir / "pretrain" / "pretrained.pt"
@@ -203,7 +203,7 @@ def test_run_on_a_given_encoder_skips_pretraining(run_dir, small_meds, tmp_path)
     assert all((exported[key] == expected[key]).all() for key in expected)
 
 
-def test_sweep_keeps_the_best_epoch_when_asked(run_dir, small_meds, tmp_path):
+def test_sweep_keeps_best_epoch(run_dir, small_meds, tmp_path):
     out = tmp_path / "sweep"
     code = main(
         ["tune", "--data", str(small_meds), "--pretrained-ckpt", str(run_dir / "pretrain" / "pretrained.pt"),
@@ -216,7 +216,7 @@ def test_sweep_keeps_the_best_epoch_when_asked(run_dir, small_meds, tmp_path):
     best = trials.iloc[0]
     [trial_dir] = (out / "ray_results" / "sweep").glob(f"head_trial_{best['trial_id']}_*")
     history = pd.read_json(trial_dir / "result.json", lines=True)
-    # The kept head is the first epoch with the trial's highest tuning AUPRC, and that value ranks the trial.
+    # The kept head is from the first epoch with the trial's highest tuning AUPRC, which ranks the trial.
     assert saved["metrics"]["epoch"] == int(history.loc[history["val/auprc"].idxmax(), "epoch"])
     assert best["val_auprc"] == pytest.approx(history["val/auprc"].max(), abs=1e-6)
     assert saved["metrics"]["val/auprc"] == pytest.approx(trials["val_auprc"].max(), abs=1e-6)

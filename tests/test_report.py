@@ -273,7 +273,7 @@ def test_trial_table_reads_as_written(trained):
     assert pd.isna(trials.loc[trials["status"] == "ERROR", "val_auprc"]).all()
 
 
-def test_trial_table_of_an_older_sweep_reads(tmp_path):
+def test_old_trial_table_reads(tmp_path):
     (tmp_path / "trials.csv").write_text(TRIALS_CSV.replace("val_auprc", "best_val_auprc"))
     trials = load_trials(tmp_path)
     assert trials["val_auprc"].max() == 0.41

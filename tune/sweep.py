@@ -49,10 +49,10 @@ STATE_SAVE_SECONDS = "1"
 
 
 class ReportToTune(pl.Callback):
-    """Reports validation metrics to Tune after every epoch, with a head checkpoint at the epochs that are kept.
+    """Lightning callback that reports validation metrics to Tune after every epoch, with the kept heads.
 
-    With `trial_epoch="last"` the checkpoint is the head after the final epoch;
-    with `"best"` a checkpoint follows every epoch at which `metric` improves.
+    With `trial_epoch="last"` the checkpoint is the head after the final epoch.
+    With `"best"` a checkpoint follows every epoch at which `metric` improves.
     """
 
     def __init__(self, params: dict[str, Any], metric: str = METRIC, mode: str = "max", trial_epoch: str = "last"):
@@ -64,6 +64,7 @@ class ReportToTune(pl.Callback):
         self.best = -np.inf
 
     def keep(self, trainer: pl.Trainer, metrics: dict[str, float]) -> bool:
+        """Return whether this epoch's head is saved as a checkpoint, recording a new best score."""
         if self.trial_epoch == "last":
             return trainer.current_epoch == trainer.max_epochs - 1
         score = self.sign * metrics.get(self.metric, float("nan"))
@@ -306,7 +307,7 @@ def _trial_number(result) -> int | None:
 
 
 def _kept_value(history: pd.DataFrame | None, metric: str, mode: str, trial_epoch: str) -> float:
-    """Return `metric` at the epoch a trial keeps: its last, or its best by `mode`; NaN when it has none."""
+    """Return `metric` at the epoch a trial keeps (its last, or its best by `mode`), or NaN when it has none."""
     if history is None or metric not in history or not len(history):
         return float("nan")
     values = history[metric]
@@ -335,7 +336,7 @@ def _best_checkpoint(results, metric: str, mode: str, trial_epoch: str):
 
 
 def _write_trial_table(results, path: Path, trial_epoch: str = "last") -> None:
-    """Write one row per trial; `val_auprc` is the tuning AUPRC of the epoch the trial keeps."""
+    """Write one row per trial, whose `val_auprc` is the tuning AUPRC of the epoch the trial keeps."""
     rows = []
     for result in results:
         row = {"trial_number": _trial_number(result), "trial_id": (result.metrics or {}).get("trial_id")}
