@@ -58,7 +58,7 @@ def reference_loss(model: SeqSetVAE, batch: dict, beta: float, free_bits: float)
         post_logvar = post_logvar.clamp(config.logvar_min, config.logvar_max)
 
         subject = {key: batch[key][b : b + 1, :n_sets] for key in ("codes", "values", "has_value", "event_mask")}
-        history = history_targets(set_targets(**subject, vocab_size=model.vocab_size))
+        history = history_targets(set_targets(**subject, vocab_size=model.vocab_size), model.history_thresholds)
         for t in range(n_sets):
             if model.history_decoder is not None:
                 at_t = {key: value[:, t : t + 1] for key, value in history.items()}

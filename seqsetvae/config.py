@@ -67,6 +67,8 @@ class ModelConfig:
         logvar_min: Lower clamp of every log-variance.
         logvar_max: Upper clamp of every log-variance.
         history_weight: Weight of the history reconstruction loss; 0 builds no history decoder.
+        history_thresholds: Number T of thresholds (seqsetvae.losses.history_threshold_grid) at which
+            the history decoder also predicts whether each running value statistic exceeds them.
         value_embedding: `mlp` embeds a value with Linear-GELU-Linear, so the embedding can bend
             (abnormal on both sides of a reference range); `linear` uses one Linear(1, D).
     """
@@ -86,6 +88,11 @@ class ModelConfig:
         "code's last, minimum, maximum and mean value, event count and presence so far; 0 turns it off",
     )
     value_embedding: str = option("mlp", f"value embedding, one of {', '.join(VALUE_EMBEDDINGS)}")
+    history_thresholds: int = option(
+        0,
+        "number T of thresholds, spaced evenly over normalised values -2 to 2, for which the history decoder "
+        "also predicts whether each running value statistic lies above it; 0 turns this off",
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, "d_model", "latent_dim", "n_inducing", "n_heads", "n_set_layers", "n_seq_layers")
@@ -93,6 +100,8 @@ class ModelConfig:
             raise UserInputError(f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserInputError(f"dropout: expected a value in [0, 1), got {self.dropout}")
+        if self.history_thresholds < 0:
+            raise UserInputError(f"history_thresholds: expected a value >= 0, got {self.history_thresholds}")
         if self.history_weight < 0:
             raise UserInputError(f"history_weight: expected a value >= 0, got {self.history_weight}")
         if self.value_embedding not in VALUE_EMBEDDINGS:

@@ -122,13 +122,33 @@ HISTORY_VALUE_STATISTICS = ("last", "min", "max", "mean")
 """Running statistics of each code's values over sets <= t that the history decoder predicts, in this order."""
 
 HISTORY_OUTPUTS = len(HISTORY_VALUE_STATISTICS) + 2
-"""Outputs per code of the history decoder: the value statistics, log(1 + event count) and a seen logit."""
+"""Outputs per code of the history decoder without thresholds: the value statistics, log(1 + event count)
+and a seen logit."""
+
+HISTORY_THRESHOLD_RANGE = (-2.0, 2.0)
+"""Normalised values between which `history_threshold_grid` spaces its thresholds."""
 
 
-def history_targets(targets: dict) -> dict:
+def history_threshold_grid(count: int) -> tuple[float, ...]:
+    """Return `count` thresholds spaced evenly over HISTORY_THRESHOLD_RANGE (one threshold is 0)."""
+    if count <= 0:
+        return ()
+    if count == 1:
+        return (0.0,)
+    low, high = HISTORY_THRESHOLD_RANGE
+    return tuple(low + (high - low) * k / (count - 1) for k in range(count))
+
+
+def history_outputs(n_thresholds: int) -> int:
+    """Return the outputs per code of the history decoder: HISTORY_OUTPUTS plus one per statistic and threshold."""
+    return HISTORY_OUTPUTS + len(HISTORY_VALUE_STATISTICS) * n_thresholds
+
+
+def history_targets(targets: dict, thresholds: tuple[float, ...] = ()) -> dict:
     """Summarise, for each set t, every code's events in sets 0..t.
 
-    Takes the output of `set_targets` and returns a dict of four tensors:
+    Takes the output of `set_targets` and returns a dict of four tensors, and
+    a fifth when `thresholds` is not empty:
 
         values: [B, S, V, 4] last, minimum, maximum and mean of the code's
             per-set mean values, in HISTORY_VALUE_STATISTICS order. They are 0
@@ -136,6 +156,12 @@ def history_targets(targets: dict) -> dict:
         has_value: [B, S, V] True once the code has had a value.
         log_count: [B, S, V] log(1 + number of sets so far that contain the code).
         seen: [B, S, V] 1.0 once the code has occurred.
+        above: [B, S, V, 4 * T] 1.0 where a value statistic exceeds a threshold,
+            statistic-major: (last > t_1, ..., last > t_T, min > t_1, ...).
+
+    A linear map from the latent cannot turn a value into "above t", so the
+    `above` targets make the latent carry these steps linearly, and a linear
+    head can then weigh abnormal values on either side of normal differently.
 
     Padded sets have no events, so they carry the statistics of the last
     valid set forward.
@@ -152,24 +178,31 @@ def history_targets(targets: dict) -> dict:
     mean = (value * has_value).cumsum(dim=1) / value_count.clamp(min=1)
     statistics = torch.stack([last, low, high, mean], dim=-1)  # [B, S, V, 4]
     set_count = presence.cumsum(dim=1)  # [B, S, V]
-    return {
-        "values": statistics.masked_fill(~ever_valued[..., None], 0.0),
+    statistics = statistics.masked_fill(~ever_valued[..., None], 0.0)
+    history = {
+        "values": statistics,
         "has_value": ever_valued,
         "log_count": torch.log1p(set_count),
         "seen": (set_count > 0).to(value.dtype),
     }
+    if thresholds:
+        grid = statistics.new_tensor(thresholds)  # [T]
+        history["above"] = (statistics[..., None] > grid).to(value.dtype).flatten(-2)  # [B, S, V, 4 * T]
+    return history
 
 
 def history_loss(prediction: Tensor, history: dict, set_mask: Tensor) -> Tensor:
     """Return the history reconstruction loss, a scalar in nats per set.
 
     For every code except PAD: 0.5 * squared error of each value statistic the
-    code has, 0.5 * squared error of log(1 + count) and the binary
-    cross-entropy of `seen`, summed over codes and statistics, then averaged
-    over valid sets.
+    code has, 0.5 * squared error of log(1 + count), the binary cross-entropy
+    of `seen` and, with thresholds, 0.5 * squared error of each `above`
+    indicator of a code that has a value, summed over codes and statistics,
+    then averaged over valid sets. The indicators are regressed, not
+    classified, so that they stay linear in the latent.
 
     Args:
-        prediction: [B, S, V, HISTORY_OUTPUTS] output of the history decoder.
+        prediction: [B, S, V, history_outputs(T)] output of the history decoder.
         history: The output of `history_targets`.
         set_mask: [B, S] valid sets.
     """
@@ -178,7 +211,11 @@ def history_loss(prediction: Tensor, history: dict, set_mask: Tensor) -> Tensor:
     value_error = 0.5 * (prediction[..., :n_values] - history["values"]).pow(2).sum(-1) * history["has_value"]
     count_error = 0.5 * (prediction[..., n_values] - history["log_count"]).pow(2)
     seen_error = F.binary_cross_entropy_with_logits(prediction[..., n_values + 1], history["seen"], reduction="none")
-    per_set = ((value_error + count_error + seen_error) * code_columns).sum(-1)  # [B, S]
+    per_code = value_error + count_error + seen_error  # [B, S, V]
+    if "above" in history:
+        above_error = 0.5 * (prediction[..., n_values + 2 :] - history["above"]).pow(2).sum(-1)
+        per_code = per_code + above_error * history["has_value"]
+    per_set = (per_code * code_columns).sum(-1)  # [B, S]
     return mean_over_sets(per_set, set_mask)
 
 

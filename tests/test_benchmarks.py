@@ -19,11 +19,13 @@ from seqsetvae.model.core import SeqSetVAE
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_reference_matches_vectorised_loss():
+@pytest.mark.parametrize("history_thresholds", [0, 3])
+def test_reference_matches_vectorised_loss(history_thresholds):
     from test_model import VOCAB, make_batch
 
     torch.manual_seed(0)
-    model = SeqSetVAE(ModelConfig(d_model=16, latent_dim=4, n_inducing=3, n_heads=2), VOCAB).eval()
+    config = ModelConfig(d_model=16, latent_dim=4, n_inducing=3, n_heads=2, history_thresholds=history_thresholds)
+    model = SeqSetVAE(config, VOCAB).eval()
     batch = make_batch([3, 1, 5, 0])
     expected = reference_loss(model, batch, beta=0.5, free_bits=0.05)
     got = model(batch, beta=0.5, free_bits=0.05)["loss"]

@@ -10,6 +10,7 @@ from seqsetvae.losses import (
     free_bits_kl,
     gaussian_kl,
     history_loss,
+    history_threshold_grid,
     history_targets,
     mean_over_sets,
     reconstruction_losses,
@@ -236,3 +237,36 @@ def test_history_loss_skips_unvalued_and_padded():
     wrong_valued[0, 0, 3, 0] += 1.0
     assert history_loss(wrong_valued, history, torch.tensor([[True, True]])).item() == pytest.approx(0.25)
     assert history_loss(wrong_valued, history, torch.tensor([[False, True]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_history_threshold_grid():
+    assert history_threshold_grid(0) == ()
+    assert history_threshold_grid(1) == (0.0,)
+    assert history_threshold_grid(5) == (-2.0, -1.0, 0.0, 1.0, 2.0)
+
+
+def test_history_above_targets_by_hand():
+    # Code 3 has value 2.0 in set 0; code 2 has value 0.0 in set 1; code 4 has no value.
+    history = history_targets(set_targets(*hand_events(), vocab_size=5), thresholds=(-1.0, 1.0))
+    assert history["above"].shape == (1, 2, 5, 8)
+    # Every statistic of code 3 is 2.0: above both thresholds.
+    assert history["above"][0, 1, 3].tolist() == [1.0] * 8
+    # Every statistic of code 2 in set 1 is 0.0: above -1, not above 1.
+    assert history["above"][0, 1, 2].tolist() == [1.0, 0.0] * 4
+    assert "above" not in history_targets(set_targets(*hand_events(), vocab_size=5))
+
+
+def test_history_loss_counts_above_of_valued_codes_only():
+    history = history_targets(set_targets(*hand_events(), vocab_size=5), thresholds=(0.5,))
+    perfect = torch.cat(
+        [history["values"], history["log_count"][..., None], torch.zeros(1, 2, 5, 1), history["above"]], dim=-1
+    )
+    perfect[..., 5] = torch.where(history["seen"] > 0, 30.0, -30.0)
+    set_mask = torch.tensor([[True, True]])
+    assert history_loss(perfect, history, set_mask).item() == pytest.approx(0.0, abs=1e-6)
+    wrong_unvalued = perfect.clone()
+    wrong_unvalued[0, :, 4, 6:] = 1.0  # code 4 never has a value
+    assert history_loss(wrong_unvalued, history, set_mask).item() == pytest.approx(0.0, abs=1e-6)
+    wrong_valued = perfect.clone()
+    wrong_valued[0, 1, 3, 6] -= 1.0  # code 3's last value is above 0.5
+    assert history_loss(wrong_valued, history, set_mask).item() == pytest.approx(0.25)

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from seqsetvae.batch import BATCH_KEYS, PAD_CODE
 from seqsetvae.config import ModelConfig
 from seqsetvae.losses import (
-    HISTORY_OUTPUTS,
     free_bits_kl,
     gaussian_kl,
     history_loss,
+    history_outputs,
     history_targets,
+    history_threshold_grid,
     mean_over_sets,
     reconstruction_losses,
     set_targets,
@@ -195,14 +196,15 @@ class HistoryDecoder(nn.Module):
     encoder can use it.
     """
 
-    def __init__(self, latent_dim: int, vocab_size: int) -> None:
+    def __init__(self, latent_dim: int, vocab_size: int, n_thresholds: int = 0) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.linear = nn.Linear(latent_dim, vocab_size * HISTORY_OUTPUTS)
+        self.n_outputs = history_outputs(n_thresholds)
+        self.linear = nn.Linear(latent_dim, vocab_size * self.n_outputs)
 
     def forward(self, z: Tensor) -> Tensor:
-        """Map z [B, S, Z] to [B, S, V, HISTORY_OUTPUTS]."""
-        return self.linear(z).unflatten(-1, (self.vocab_size, HISTORY_OUTPUTS))
+        """Map z [B, S, Z] to [B, S, V, history_outputs(n_thresholds)]."""
+        return self.linear(z).unflatten(-1, (self.vocab_size, self.n_outputs))
 
 
 def product_of_gaussians(
@@ -280,7 +282,12 @@ class SeqSetVAE(nn.Module):
         self.evidence_head = GaussianHead(config.d_model, config.latent_dim, config.logvar_min, config.logvar_max)
         self.prior = CausalPrior(config)
         self.decoder = SetDecoder(config.latent_dim, config.d_model, vocab_size)
-        self.history_decoder = HistoryDecoder(config.latent_dim, vocab_size) if config.history_weight > 0 else None
+        self.history_thresholds = history_threshold_grid(config.history_thresholds)
+        self.history_decoder = (
+            HistoryDecoder(config.latent_dim, vocab_size, len(self.history_thresholds))
+            if config.history_weight > 0
+            else None
+        )
 
     def summarise_sets(self, batch: dict) -> Tensor:
         """Return the summary [B, S, D] of each set, zeros for padded sets.
@@ -366,8 +373,9 @@ class SeqSetVAE(nn.Module):
         if self.history_decoder is None:
             recon_history = recon_value.new_zeros(())
         else:
-            history_pred = self.history_decoder(z).float()  # [B, S, V, HISTORY_OUTPUTS]
-            recon_history = history_loss(history_pred, history_targets(targets), batch["set_mask"])
+            history_pred = self.history_decoder(z).float()  # [B, S, V, history_outputs(T)]
+            history = history_targets(targets, self.history_thresholds)
+            recon_history = history_loss(history_pred, history, batch["set_mask"])
 
         # Losses are computed in float32, also under bf16 autocast: the KL of close Gaussians is a small
         # difference of large terms.
