@@ -540,3 +540,25 @@ def test_time_gap_bias_by_hand():
 def test_time_gap_bias_masks_future():
     bias = TimeGapBias(n_heads=2)(torch.tensor([[0.0, 1.0, 3.0]]), torch.ones(1, 3, dtype=torch.bool))
     assert torch.isneginf(bias[0, :, 0, 1:]).all()
+
+
+def test_history_thresholds_widen_the_history_decoder():
+    config = ModelConfig(**{**CONFIG.__dict__, "history_thresholds": 3})
+    model, plain = make_model(config), make_model()
+    assert model.history_thresholds == (-2.0, 0.0, 2.0)
+    z = torch.zeros(2, 5, config.latent_dim)
+    assert model.history_decoder(z).shape == (2, 5, VOCAB, 6 + 4 * 3)
+    assert plain.history_decoder(z).shape == (2, 5, VOCAB, 6)
+    # The encoder is the same module either way: its weights load into the plain model.
+    encoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(SeqSetVAE.encoder_state_prefixes)}
+    plain.load_state_dict(encoder_state, strict=False)
+    batch = make_batch([3, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.features(batch), model.features(batch))
+
+
+def test_negative_history_thresholds_are_rejected():
+    from seqsetvae.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="history_thresholds"):
+        ModelConfig(history_thresholds=-1)
