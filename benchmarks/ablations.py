@@ -32,6 +32,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from sklearn.linear_model import LogisticRegression
@@ -53,6 +54,7 @@ PROBE_STRENGTHS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 LABELLED_SPLITS = ("train", "tuning", "held_out")
 # The report's default. PhysioNet 2012 has 46 codes, so every code is kept either way.
 BASELINE_MAX_CODES = 500
+THRESHOLD_QUANTILES = np.linspace(0.1, 0.9, 9)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict]:
@@ -138,7 +140,25 @@ def baseline_scores(meds_root: Path, caches: dict[str, SplitCache], seed: int) -
     }
     labels = {split: rows[split].label for split in rows}
     scores["logistic_regression"] = probe(features, labels, seed)
+    scores["logistic_regression_thresholds"] = probe(threshold_features(summaries, features), labels, seed)
     return scores
+
+
+def threshold_features(summaries: dict[str, pd.DataFrame], features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Append to `features` one indicator per summary column and train decile: the column lies above it.
+
+    A linear model on these indicators fits a step function of each summary,
+    which is what the history decoder's threshold targets offer a linear head.
+    A missing summary is above no decile.
+    """
+    deciles = np.nanquantile(summaries["train"].to_numpy(dtype=float), THRESHOLD_QUANTILES, axis=0)  # [9, C]
+    result = {}
+    for split, table in summaries.items():
+        values = table.to_numpy(dtype=float)[None]  # [1, N, C]
+        with np.errstate(invalid="ignore"):
+            above = (values > deciles[:, None, :]).transpose(1, 0, 2).reshape(len(table), -1)  # [N, 9 * C]
+        result[split] = np.hstack([features[split], above.astype(float)])
+    return result
 
 
 class ProbeEveryEpochs(pl.Callback):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,7 +136,21 @@ def test_ablation_baselines_only(small_meds, tmp_path):
     result = json.loads(line)
     assert result["name"] == "baselines"
     assert "probes" not in result
-    for model in ("gradient_boosting", "logistic_regression"):
+    for model in ("gradient_boosting", "logistic_regression", "logistic_regression_thresholds"):
         scores = result["baseline"][model]
         for key in ("tuning_auroc", "tuning_auprc", "held_out_auroc", "held_out_auprc"):
             assert 0.0 <= scores[key] <= 1.0, (model, key)
+
+
+def test_threshold_features_mark_deciles():
+    import pandas as pd
+
+    from benchmarks.ablations import threshold_features
+
+    summaries = {"train": pd.DataFrame({"a": np.arange(10.0)}), "held_out": pd.DataFrame({"a": [-1.0, 100.0, np.nan]})}
+    features = {split: np.zeros((len(table), 1)) for split, table in summaries.items()}
+    result = threshold_features(summaries, features)
+    assert result["train"].shape == (10, 1 + 9)
+    # Each train row lies above as many deciles as there are below it.
+    assert result["train"][:, 1:].sum(axis=1).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert result["held_out"][:, 1:].sum(axis=1).tolist() == [0, 9, 0]
