@@ -12,7 +12,8 @@ A probe is an L2-regularised logistic regression on standardised features whose
 strength is chosen on the tuning split by AUPRC. It is a fast stand-in for the
 focal-loss sweep of `seqsetvae tune`; both are linear in the features. With
 `--baseline` the run also scores the gradient-boosting baseline of
-`seqsetvae report` and a logistic regression on the same summary features.
+`seqsetvae report` and two logistic regressions on the same summary features,
+one of them with decile-threshold indicators of each summary.
 
     OMP_NUM_THREADS=1 python -m benchmarks.ablations --data MEDS_DIR --out runs/ablations \\
         --name history --set max_epochs=12 --set history_weight=1
@@ -114,12 +115,13 @@ def probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], seed: 
 
 
 def baseline_scores(meds_root: Path, caches: dict[str, SplitCache], seed: int) -> dict:
-    """Score the report's gradient-boosting baseline and a logistic regression on the same summaries.
+    """Score the report's gradient-boosting baseline and two logistic regressions on the same summaries.
 
-    Both fit on train and score tuning and held_out. The logistic regression
-    gets each summary column with its missing values filled by the train mean,
-    plus one missing-value indicator per column, and its strength is chosen on
-    tuning AUPRC as for the probes.
+    All fit on train and score tuning and held_out. The logistic regressions
+    get each summary column with its missing values filled by the train mean,
+    plus one missing-value indicator per column, and their strength is chosen
+    on tuning AUPRC as for the probes. The second also gets the decile
+    indicators of `threshold_features`.
     """
     rows = {split: cache_label_rows(cache) for split, cache in caches.items()}
     events = {split: read_split_events(meds_root, split) for split in caches}

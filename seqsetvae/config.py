@@ -91,7 +91,8 @@ class ModelConfig:
     history_thresholds: int = option(
         0,
         "number T of thresholds, spaced evenly over normalised values -2 to 2, for which the history decoder "
-        "also predicts whether each running value statistic lies above it; 0 turns this off",
+        "also predicts whether each running value statistic lies above it; 0 turns this off. The decoder has "
+        "V * (6 + 4 * T) outputs per set, so a large vocabulary V needs a small T",
     )
 
     def __post_init__(self) -> None:
@@ -102,6 +103,11 @@ class ModelConfig:
             raise UserInputError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if self.history_thresholds < 0:
             raise UserInputError(f"history_thresholds: expected a value >= 0, got {self.history_thresholds}")
+        if self.history_thresholds and not self.history_weight:
+            raise UserInputError(
+                f"history_thresholds: {self.history_thresholds} needs the history decoder, which history_weight 0 "
+                "turns off; set history_weight above 0 or history_thresholds to 0"
+            )
         if self.history_weight < 0:
             raise UserInputError(f"history_weight: expected a value >= 0, got {self.history_weight}")
         if self.value_embedding not in VALUE_EMBEDDINGS:

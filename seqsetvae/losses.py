@@ -130,7 +130,7 @@ HISTORY_THRESHOLD_RANGE = (-2.0, 2.0)
 
 
 def history_threshold_grid(count: int) -> tuple[float, ...]:
-    """Return `count` thresholds spaced evenly over HISTORY_THRESHOLD_RANGE (one threshold is 0)."""
+    """Return `count` thresholds spaced evenly over HISTORY_THRESHOLD_RANGE, or (0.0,) for a count of 1."""
     if count <= 0:
         return ()
     if count == 1:
@@ -158,6 +158,7 @@ def history_targets(targets: dict, thresholds: tuple[float, ...] = ()) -> dict:
         seen: [B, S, V] 1.0 once the code has occurred.
         above: [B, S, V, 4 * T] 1.0 where a value statistic exceeds a threshold,
             statistic-major: (last > t_1, ..., last > t_T, min > t_1, ...).
+            0 while the code has no value yet.
 
     A linear map from the latent cannot turn a value into "above t", so the
     `above` targets make the latent carry these steps linearly, and a linear
@@ -187,7 +188,8 @@ def history_targets(targets: dict, thresholds: tuple[float, ...] = ()) -> dict:
     }
     if thresholds:
         grid = statistics.new_tensor(thresholds)  # [T]
-        history["above"] = (statistics[..., None] > grid).to(value.dtype).flatten(-2)  # [B, S, V, 4 * T]
+        above = (statistics[..., None] > grid) & ever_valued[..., None, None]  # [B, S, V, 4, T]
+        history["above"] = above.to(value.dtype).flatten(-2)  # [B, S, V, 4 * T]
     return history
 
 

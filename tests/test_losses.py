@@ -254,6 +254,16 @@ def test_history_above_targets_by_hand():
     # Every statistic of code 2 in set 1 is 0.0: above -1, not above 1.
     assert history["above"][0, 1, 2].tolist() == [1.0, 0.0] * 4
     assert "above" not in history_targets(set_targets(*hand_events(), vocab_size=5))
+    # Code 4 has no value, so it is above no threshold.
+    assert history["above"][0, 1, 4].tolist() == [0.0] * 8
+
+
+def test_history_above_targets_per_statistic():
+    # Code 1 has value 1.0 in set 0 and 3.0 in set 1: last 3, min 1, max 3, mean 2 at set 1.
+    value = torch.tensor([[[0.0, 1.0], [0.0, 3.0]]])
+    has_value = torch.tensor([[[False, True], [False, True]]])
+    history = history_targets({"value": value, "has_value": has_value, "presence": has_value.float()}, (1.5, 2.5))
+    assert history["above"][0, 1, 1].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
 
 
 def test_history_loss_counts_above_of_valued_codes_only():

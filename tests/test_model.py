@@ -549,16 +549,30 @@ def test_history_thresholds_widen_the_history_decoder():
     z = torch.zeros(2, 5, config.latent_dim)
     assert model.history_decoder(z).shape == (2, 5, VOCAB, 6 + 4 * 3)
     assert plain.history_decoder(z).shape == (2, 5, VOCAB, 6)
-    # The encoder is the same module either way: its weights load into the plain model.
+
+
+def test_encoder_loads_without_thresholds_key():
+    from seqsetvae.encoder import build_encoder
+
+    model = make_model(ModelConfig(**{**CONFIG.__dict__, "history_thresholds": 3}), seed=1)
     encoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(SeqSetVAE.encoder_state_prefixes)}
-    plain.load_state_dict(encoder_state, strict=False)
+    # A config saved before the option existed has no history_thresholds key.
+    old_config = {key: value for key, value in CONFIG.__dict__.items() if key != "history_thresholds"}
+    preprocessing = {"codes": [f"code{i}" for i in range(VOCAB - 2)]}
+    loaded = build_encoder(old_config, preprocessing, encoder_state, "model.safetensors")
     batch = make_batch([3, 5])
     with torch.no_grad():
-        torch.testing.assert_close(plain.features(batch), model.features(batch))
+        assert not torch.allclose(make_model().features(batch), model.features(batch))
+        torch.testing.assert_close(loaded.features(batch), model.features(batch))
+    assert loaded.history_thresholds == ()
 
 
-def test_negative_history_thresholds_are_rejected():
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"history_thresholds": -1}, "expected a value >= 0"), ({"history_thresholds": 3, "history_weight": 0.0}, "needs the history decoder")],
+)
+def test_invalid_history_thresholds_rejected(overrides, message):
     from seqsetvae.errors import UserInputError
 
-    with pytest.raises(UserInputError, match="history_thresholds"):
-        ModelConfig(history_thresholds=-1)
+    with pytest.raises(UserInputError, match=message):
+        ModelConfig(**overrides)

@@ -38,6 +38,11 @@ def test_last_epoch_skips_a_failed_trial(tmp_path):
     assert _best_checkpoint(results, METRIC, "max", "last").path.endswith("steady")
 
 
+def test_best_epoch_skips_a_trial_without_checkpoints(tmp_path):
+    results = [trial(tmp_path, "steady", [0.30, 0.40]), trial(tmp_path, "empty", [])]
+    assert _best_checkpoint(results, METRIC, "max", "best").path.endswith("steady")
+
+
 def test_last_and_best_epoch_rank_differently(tmp_path):
     results = [trial(tmp_path, "peaked", [0.60, 0.20]), trial(tmp_path, "rising", [0.30, 0.50])]
     assert _best_checkpoint(results, METRIC, "max", "last").path.endswith("rising")

@@ -328,7 +328,8 @@ def _best_checkpoint(results, metric: str, mode: str, trial_epoch: str):
         if trial_epoch == "last":
             checkpoint = result.checkpoint if result.error is None else None
         else:
-            checkpoint = result.get_best_checkpoint(metric=metric, mode=mode)
+            # Ray raises here for a trial that never reported a checkpoint.
+            checkpoint = result.get_best_checkpoint(metric=metric, mode=mode) if result.best_checkpoints else None
         score = sign * _kept_value(result.metrics_dataframe, metric, mode, trial_epoch)
         if checkpoint is not None and np.isfinite(score) and score > best_score:
             best, best_score = checkpoint, score

@@ -191,9 +191,10 @@ class HistoryDecoder(nn.Module):
     """Decode a set latent z_t linearly to running statistics of every code over sets <= t.
 
     The map is linear on purpose. What it decodes (the last, minimum, maximum
-    and mean value, the event count and whether the code has been seen) is then
-    a linear function of the posterior mean, and a linear head on the frozen
-    encoder can use it.
+    and mean value, the event count, whether the code has been seen and, with
+    `n_thresholds`, whether each value statistic lies above each threshold) is
+    then a linear function of the posterior mean, and a linear head on the
+    frozen encoder can use it.
     """
 
     def __init__(self, latent_dim: int, vocab_size: int, n_thresholds: int = 0) -> None:
