@@ -246,7 +246,7 @@ def test_history_threshold_grid():
 
 
 def test_history_above_targets_by_hand():
-    # Code 3 has value 2.0 in set 0; code 2 has value 0.0 in set 1; code 4 has no value.
+    # Code 3 has value 2.0 in set 0 and code 2 has value 0.0 in set 1. Code 4 has no value.
     history = history_targets(set_targets(*hand_events(), vocab_size=5), thresholds=(-1.0, 1.0))
     assert history["above"].shape == (1, 2, 5, 8)
     # Every statistic of code 3 is 2.0: above both thresholds.
@@ -266,7 +266,7 @@ def test_history_above_targets_per_statistic():
     assert history["above"][0, 1, 1].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
 
 
-def test_history_loss_counts_above_of_valued_codes_only():
+def test_above_loss_valued_codes_only():
     history = history_targets(set_targets(*hand_events(), vocab_size=5), thresholds=(0.5,))
     perfect = torch.cat(
         [history["values"], history["log_count"][..., None], torch.zeros(1, 2, 5, 1), history["above"]], dim=-1
@@ -275,8 +275,8 @@ def test_history_loss_counts_above_of_valued_codes_only():
     set_mask = torch.tensor([[True, True]])
     assert history_loss(perfect, history, set_mask).item() == pytest.approx(0.0, abs=1e-6)
     wrong_unvalued = perfect.clone()
-    wrong_unvalued[0, :, 4, 6:] = 1.0  # code 4 never has a value
+    wrong_unvalued[0, :, 4, 6:] = 1.0  # Code 4 never has a value.
     assert history_loss(wrong_unvalued, history, set_mask).item() == pytest.approx(0.0, abs=1e-6)
     wrong_valued = perfect.clone()
-    wrong_valued[0, 1, 3, 6] -= 1.0  # code 3's last value is above 0.5
+    wrong_valued[0, 1, 3, 6] -= 1.0  # Code 3's last value is above 0.5.
     assert history_loss(wrong_valued, history, set_mask).item() == pytest.approx(0.25)

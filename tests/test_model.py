@@ -542,7 +542,7 @@ def test_time_gap_bias_masks_future():
     assert torch.isneginf(bias[0, :, 0, 1:]).all()
 
 
-def test_history_thresholds_widen_the_history_decoder():
+def test_thresholds_widen_history_decoder():
     config = ModelConfig(**{**CONFIG.__dict__, "history_thresholds": 3})
     model, plain = make_model(config), make_model()
     assert model.history_thresholds == (-2.0, 0.0, 2.0)

@@ -38,7 +38,7 @@ def test_last_epoch_skips_a_failed_trial(tmp_path):
     assert _best_checkpoint(results, METRIC, "max", "last").path.endswith("steady")
 
 
-def test_best_epoch_skips_a_trial_without_checkpoints(tmp_path):
+def test_best_epoch_skips_checkpointless_trial(tmp_path):
     results = [trial(tmp_path, "steady", [0.30, 0.40]), trial(tmp_path, "empty", [])]
     assert _best_checkpoint(results, METRIC, "max", "best").path.endswith("steady")
 

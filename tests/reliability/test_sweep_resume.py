@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 N_SAMPLES = 5
-# Each trial outlasts several of Tune's one-second state saves (about 5 s on 2 cores; 30 epochs
-# took under 1 s, and a whole sweep could finish between two saves), so the kill lands mid-sweep.
+# Each trial outlasts several of Tune's one-second state saves (about 5 s on 2 cores), so the kill
+# lands mid-sweep. At 30 epochs a trial took under 1 s and a whole sweep could finish between two saves.
 MAX_EPOCHS = 300
 
 
