@@ -45,7 +45,7 @@ from seqsetvae.cache import SplitCache, ensure_cache, fit_preprocessor
 from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataModule, SetSequenceDataset, make_loader
 from seqsetvae.lit import PretrainModule
-from seqsetvae.pretrain import EpochProgress
+from seqsetvae.pretrain import EpochProgress, quantile_thresholds
 from seqsetvae.report.baseline import fit_baseline, read_split_events, summary_features
 from seqsetvae.report.build import cache_label_rows
 
@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     module = PretrainModule(
-        dataclasses.asdict(model_config), dataclasses.asdict(pretrain_config), preprocessor.to_dict()
+        dataclasses.asdict(model_config),
+        dataclasses.asdict(pretrain_config),
+        preprocessor.to_dict(),
+        history_thresholds=quantile_thresholds(model_config, cache_dir, preprocessor.vocab_size),
     )
     datamodule = SetSequenceDataModule(
         cache_dir, max_sets=data_config.max_sets, batch_size=pretrain_config.batch_size, seed=pretrain_config.seed

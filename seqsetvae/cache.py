@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from seqsetvae import meds_io
 from seqsetvae.config import DataConfig
 from seqsetvae.errors import UserInputError
-from seqsetvae.preprocess import Preprocessor, fit_streaming
+from seqsetvae.preprocess import Preprocessor, fit_streaming, runs
 
 logger = logging.getLogger(__name__)
 
@@ -624,3 +624,30 @@ class SplitCache:
 
 def load_preprocessor(cache_dir: str | Path) -> Preprocessor:
     return Preprocessor.from_dict(json.loads((Path(cache_dir) / "preprocessor.json").read_text()))
+
+
+QUANTILE_SAMPLE_SIZE = 2_000_000
+"""At most this many values, evenly strided over the split, go into `value_quantiles`."""
+
+
+def value_quantiles(
+    cache_dir: str | Path, split: str, vocab_size: int, levels: tuple[float, ...], max_values: int = QUANTILE_SAMPLE_SIZE
+) -> np.ndarray:
+    """Return each code's quantiles [vocab_size, len(levels)] of the normalised values of one cached split.
+
+    Rows of codes without a value in the split are NaN. A split with more than
+    `max_values` values contributes every k-th value only, so the quantiles of
+    the most frequent codes are then estimates.
+    """
+    split_cache = SplitCache(cache_dir, split)
+    valued = np.flatnonzero(np.asarray(split_cache.has_value))
+    if len(valued) > max_values:
+        valued = valued[:: -(-len(valued) // max_values)]
+    codes = np.asarray(split_cache.codes)[valued].astype(np.int64)
+    values = np.asarray(split_cache.values)[valued].astype(np.float64)
+    order = np.lexsort((values, codes))
+    codes, values = codes[order], values[order]
+    result = np.full((vocab_size, len(levels)), np.nan)
+    for code, start, end in runs(codes):
+        result[code] = np.quantile(values[start:end], levels)
+    return result

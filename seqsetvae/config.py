@@ -50,6 +50,7 @@ class DataConfig:
 
 
 VALUE_EMBEDDINGS = ("mlp", "linear")
+THRESHOLD_SPACINGS = ("even", "quantile")
 
 
 @dataclass
@@ -67,8 +68,11 @@ class ModelConfig:
         logvar_min: Lower clamp of every log-variance.
         logvar_max: Upper clamp of every log-variance.
         history_weight: Weight of the history reconstruction loss; 0 builds no history decoder.
-        history_thresholds: Number T of thresholds (seqsetvae.losses.history_threshold_grid) at which
-            the history decoder also predicts whether each running value statistic exceeds them.
+        history_thresholds: Number T of thresholds at which the history decoder also predicts whether
+            each running value statistic exceeds them.
+        history_threshold_spacing: `even` places the T thresholds evenly over normalised values -2 to 2
+            for every code (seqsetvae.losses.history_threshold_grid); `quantile` places them at each
+            code's train quantiles k / (T + 1), so T = 9 gives the code's deciles.
         value_embedding: `mlp` embeds a value with Linear-GELU-Linear, so the embedding can bend
             (abnormal on both sides of a reference range); `linear` uses one Linear(1, D).
     """
@@ -90,9 +94,14 @@ class ModelConfig:
     value_embedding: str = option("mlp", f"value embedding, one of {', '.join(VALUE_EMBEDDINGS)}")
     history_thresholds: int = option(
         0,
-        "number T of thresholds, spaced evenly over normalised values -2 to 2, for which the history decoder "
-        "also predicts whether each running value statistic lies above it; 0 turns this off. The decoder has "
-        "V * (6 + 4 * T) outputs per set, so a large vocabulary V needs a small T",
+        "number T of thresholds for which the history decoder also predicts whether each running value "
+        "statistic lies above it; 0 turns this off. The decoder has V * (6 + 4 * T) outputs per set, so a large "
+        "vocabulary V needs a small T",
+    )
+    history_threshold_spacing: str = option(
+        "even",
+        "where the history thresholds lie: even (evenly over normalised values -2 to 2, the same for every code) "
+        "or quantile (at each code's train quantiles k/(T+1); T=9 gives deciles)",
     )
 
     def __post_init__(self) -> None:
@@ -107,6 +116,11 @@ class ModelConfig:
             raise UserInputError(
                 f"history_thresholds: {self.history_thresholds} needs the history decoder, which history_weight 0 "
                 "turns off; set history_weight above 0 or history_thresholds to 0"
+            )
+        if self.history_threshold_spacing not in THRESHOLD_SPACINGS:
+            raise UserInputError(
+                f"history_threshold_spacing: expected one of {', '.join(THRESHOLD_SPACINGS)}, "
+                f"got {self.history_threshold_spacing!r}"
             )
         if self.history_weight < 0:
             raise UserInputError(f"history_weight: expected a value >= 0, got {self.history_weight}")

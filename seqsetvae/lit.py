@@ -31,15 +31,37 @@ class PretrainModule(pl.LightningModule):
     `torch.load(weights_only=True)`.
     """
 
-    def __init__(self, model_config: dict, pretrain_config: dict, preprocessing: dict):
+    def __init__(
+        self,
+        model_config: dict,
+        pretrain_config: dict,
+        preprocessing: dict,
+        history_thresholds: list[list[float]] | None = None,
+    ):
+        """`history_thresholds` [V][T] are the per-code thresholds that the `quantile` spacing needs.
+
+        They are not a hyperparameter: the model's state dict carries them, so a
+        module rebuilt from a checkpoint's hyperparameters gets them back with
+        the weights.
+        """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["history_thresholds"])
         self.train_config = PretrainConfig(**pretrain_config)
         self.model = SeqSetVAE(ModelConfig(**model_config), vocab_size=len(preprocessing["codes"]) + 2)
+        if history_thresholds is not None:
+            self.model.set_history_thresholds(torch.tensor(history_thresholds, dtype=torch.float32))
         if self.train_config.compile:
             # nn.Module.compile compiles in place, so parameter names and checkpoints stay unchanged.
             # Batch shapes change from step to step, hence dynamic shapes.
             self.model.compile(dynamic=True)
+
+    def on_fit_start(self) -> None:
+        # Runs after a resumed fit restored the weights, which carry the thresholds.
+        if not self.model.history_thresholds_ready():
+            raise ValueError(
+                "history_threshold_spacing 'quantile' needs each code's thresholds; "
+                "build the module with history_thresholds=seqsetvae.pretrain.quantile_thresholds(...)"
+            )
 
     def beta(self) -> float:
         """Return the KL weight: linear warm-up from 0 over beta_warmup_steps optimiser steps."""

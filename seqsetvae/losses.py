@@ -139,16 +139,22 @@ def history_threshold_grid(count: int) -> tuple[float, ...]:
     return tuple(low + (high - low) * k / (count - 1) for k in range(count))
 
 
+def history_quantile_levels(count: int) -> tuple[float, ...]:
+    """Return the quantile levels k / (count + 1), k = 1..count, of the `quantile` threshold spacing."""
+    return tuple(k / (count + 1) for k in range(1, count + 1))
+
+
 def history_outputs(n_thresholds: int) -> int:
     """Return the outputs per code of the history decoder: HISTORY_OUTPUTS plus one per statistic and threshold."""
     return HISTORY_OUTPUTS + len(HISTORY_VALUE_STATISTICS) * n_thresholds
 
 
-def history_targets(targets: dict, thresholds: tuple[float, ...] = ()) -> dict:
+def history_targets(targets: dict, thresholds: Tensor | tuple[float, ...] = ()) -> dict:
     """Summarise, for each set t, every code's events in sets 0..t.
 
     Takes the output of `set_targets` and returns a dict of four tensors, and
-    a fifth when `thresholds` is not empty:
+    a fifth when `thresholds` is not empty. `thresholds` is either T values
+    shared by all codes or a [V, T] table with each code's own T values.
 
         values: [B, S, V, 4] last, minimum, maximum and mean of the code's
             per-set mean values, in HISTORY_VALUE_STATISTICS order. They are 0
@@ -186,8 +192,10 @@ def history_targets(targets: dict, thresholds: tuple[float, ...] = ()) -> dict:
         "log_count": torch.log1p(set_count),
         "seen": (set_count > 0).to(value.dtype),
     }
-    if thresholds:
-        grid = statistics.new_tensor(thresholds)  # [T]
+    grid = torch.as_tensor(thresholds, dtype=statistics.dtype, device=statistics.device)  # [T] or [V, T]
+    if grid.shape[-1]:
+        if grid.dim() == 2:
+            grid = grid[:, None, :]  # [V, 1, T], against the statistics axis
         above = (statistics[..., None] > grid) & ever_valued[..., None, None]  # [B, S, V, 4, T]
         history["above"] = above.to(value.dtype).flatten(-2)  # [B, S, V, 4 * T]
     return history

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pandas as pd
 import ray.train
 import torch
@@ -16,12 +17,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from seqsetvae.cache import TRAINING_SPLITS, ensure_cache, fit_preprocessor
+from seqsetvae import meds_io
+from seqsetvae.cache import TRAINING_SPLITS, ensure_cache, fit_preprocessor, value_quantiles
 from seqsetvae.callbacks import EXIT_AT_STEP_ENV, EpochHistory, ExitAtStep, history_of_checkpoint
 from seqsetvae.checkpoint import load_weights_only, strip_wrapper_prefixes
 from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataModule
 from seqsetvae.lit import PretrainModule
+from seqsetvae.losses import history_quantile_levels
 from seqsetvae.preprocess import Preprocessor
 from seqsetvae.ray_utils import cpus_per_worker, ddp_backend, init_ray, lightning_accelerator, worker_resources
 from seqsetvae.storage import resolve_storage
@@ -60,7 +63,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data_config = DataConfig(**loop_config["data_config"])
     pl.seed_everything(train_config.seed, workers=True, verbose=False)
 
-    module = PretrainModule(loop_config["model_config"], loop_config["pretrain_config"], loop_config["preprocessing"])
+    module = PretrainModule(
+        loop_config["model_config"],
+        loop_config["pretrain_config"],
+        loop_config["preprocessing"],
+        history_thresholds=loop_config["history_thresholds"],
+    )
     datamodule = SetSequenceDataModule(
         loop_config["cache_dir"],
         max_sets=data_config.max_sets,
@@ -149,6 +157,7 @@ def run_pretraining(
         "model_config": asdict(model_config),
         "pretrain_config": asdict(train_config),
         "preprocessing": preprocessor.to_dict(),
+        "history_thresholds": quantile_thresholds(model_config, cache, preprocessor.vocab_size),
         # NOTE: rank 0 writes here, so on several nodes this path must be on a filesystem every node mounts.
         "tensorboard_dir": str(out / TENSORBOARD_DIR),
     }
@@ -207,6 +216,21 @@ def run_pretraining(
         cache_dir=str(cache),
         wall_seconds=time.monotonic() - start,
     )
+
+
+def quantile_thresholds(model_config: ModelConfig, cache_dir: str | Path, vocab_size: int) -> list[list[float]] | None:
+    """Return each code's history thresholds [V][T] for the `quantile` spacing, else None.
+
+    The thresholds are the quantiles k / (T + 1) of the code's normalised values
+    in the cached train split. Codes without a value there get 0; their
+    threshold targets are masked out.
+    """
+    if not model_config.history_thresholds or model_config.history_threshold_spacing != "quantile":
+        return None
+    levels = history_quantile_levels(model_config.history_thresholds)
+    table = value_quantiles(cache_dir, meds_io.meds.train_split, vocab_size, levels)
+    logger.info("Placed %d history thresholds at each code's train quantiles", len(levels))
+    return np.nan_to_num(table, nan=0.0).tolist()
 
 
 def _metrics_of(result, checkpoint) -> dict:

@@ -67,3 +67,26 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def fit_two_batches(module, cache_dir: Path, max_sets: int, batch_size: int, precision: str = "32-true"):
+    """Fit a pretraining module on two train batches and one validation batch of a cache; return the Trainer."""
+    import lightning.pytorch as pl
+
+    from seqsetvae.data import SetSequenceDataModule
+
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=SetSequenceDataModule(cache_dir, max_sets=max_sets, batch_size=batch_size))
+    return trainer

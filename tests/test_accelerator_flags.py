@@ -14,6 +14,8 @@ from seqsetvae.data import SetSequenceDataModule
 from seqsetvae.lit import PretrainModule
 from seqsetvae.model.core import SeqSetVAE
 
+from conftest import fit_two_batches
+
 DATA = DataConfig(max_sets=8, max_events_per_set=8)
 MODEL = ModelConfig(d_model=16, latent_dim=4, n_inducing=2, n_heads=2, n_set_layers=1, n_seq_layers=1)
 
@@ -33,21 +35,7 @@ def fit_tiny(cache, **pretrain_options) -> tuple[PretrainModule, pl.Trainer, dic
     pl.seed_everything(0, verbose=False)
     module = PretrainModule(asdict(MODEL), asdict(config), preprocessor.to_dict())
     before = {key: value.clone() for key, value in module.model.state_dict().items()}
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        precision=config.precision,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    datamodule = SetSequenceDataModule(cache_dir, max_sets=DATA.max_sets, batch_size=config.batch_size)
-    trainer.fit(module, datamodule=datamodule)
+    trainer = fit_two_batches(module, cache_dir, DATA.max_sets, config.batch_size, config.precision)
     return module, trainer, before
 
 

@@ -10,6 +10,7 @@ from seqsetvae.losses import (
     free_bits_kl,
     gaussian_kl,
     history_loss,
+    history_quantile_levels,
     history_threshold_grid,
     history_targets,
     mean_over_sets,
@@ -256,6 +257,25 @@ def test_history_above_targets_by_hand():
     assert "above" not in history_targets(set_targets(*hand_events(), vocab_size=5))
     # Code 4 has no value, so it is above no threshold.
     assert history["above"][0, 1, 4].tolist() == [0.0] * 8
+
+
+def test_history_quantile_levels():
+    assert history_quantile_levels(0) == ()
+    assert history_quantile_levels(1) == (0.5,)
+    assert history_quantile_levels(3) == (0.25, 0.5, 0.75)
+
+
+def test_history_above_targets_per_code():
+    # Code 3 has value 2.0 and code 2 has value 0.0; each code is compared with its own row.
+    table = torch.tensor([[9.0, 9.0], [9.0, 9.0], [-0.5, 0.5], [1.5, 2.5], [-9.0, -9.0]])
+    history = history_targets(set_targets(*hand_events(), vocab_size=5), thresholds=table)
+    assert history["above"].shape == (1, 2, 5, 8)
+    assert history["above"][0, 1, 3].tolist() == [1.0, 0.0] * 4
+    assert history["above"][0, 1, 2].tolist() == [1.0, 0.0] * 4
+    # Code 4 has no value: its threshold of -9 would be crossed by 0, but the target stays 0.
+    assert history["above"][0, 1, 4].tolist() == [0.0] * 8
+    # Before code 2's first value in set 1 it is above nothing.
+    assert history["above"][0, 0, 2].tolist() == [0.0] * 8
 
 
 def test_history_above_targets_per_statistic():

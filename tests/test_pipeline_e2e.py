@@ -6,12 +6,16 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from seqsetvae.cache import value_quantiles
 from seqsetvae.cli import main
 from seqsetvae.export import EXPORT_FILES, load_export
+from seqsetvae.losses import history_quantile_levels
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +34,7 @@ def run_dir(small_meds, ray_local, tmp_path_factory):
             "--max-epochs", "1", "--num-workers", "2", "--batch-size", "16", "--beta-warmup-steps", "5",
             "--num-samples", "3", "--max-concurrent-trials", "2", "--finetune-max-epochs", "4",
             "--log-every-n-steps", "1", "--bootstrap-resamples", "100", *SMALL_MODEL,
+            "--history-thresholds", "3", "--history-threshold-spacing", "quantile",
         ]
     )  # fmt: skip
     assert code == 0
@@ -53,6 +58,16 @@ def test_pretraining_ran_on_two_workers(run_dir):
     # 160 train subjects, 2 workers, batch 16: 5 optimiser steps per worker in one epoch.
     assert int(metrics["step"].iloc[-1]) == 5
     assert (run_dir / "pretrain" / "pretrained.pt").is_file()
+
+
+def test_pretrained_weights_carry_quantile_thresholds(run_dir):
+    # The Ray Train workers got the thresholds from the driver, which fitted them on the cached train split.
+    payload = torch.load(run_dir / "pretrain" / "pretrained.pt", weights_only=True)
+    thresholds = payload["state_dict"]["history_thresholds"]
+    vocab_size = len(payload["hyper_parameters"]["preprocessing"]["codes"]) + 2
+    expected = value_quantiles(run_dir / "cache", "train", vocab_size, history_quantile_levels(3))
+    assert thresholds.shape == (vocab_size, 3)
+    np.testing.assert_allclose(thresholds.numpy(), np.nan_to_num(expected, nan=0.0), atol=1e-6)
 
 
 def test_best_trial_is_chosen(run_dir):

@@ -283,12 +283,36 @@ class SeqSetVAE(nn.Module):
         self.evidence_head = GaussianHead(config.d_model, config.latent_dim, config.logvar_min, config.logvar_max)
         self.prior = CausalPrior(config)
         self.decoder = SetDecoder(config.latent_dim, config.d_model, vocab_size)
-        self.history_thresholds = history_threshold_grid(config.history_thresholds)
+        n_thresholds = config.history_thresholds
+        if config.history_threshold_spacing == "quantile":
+            # Each code's own thresholds, fitted on the train split: set_history_thresholds fills them,
+            # and checkpoints carry them.
+            self.register_buffer("history_thresholds", torch.full((vocab_size, n_thresholds), float("nan")))
+        else:
+            grid = torch.tensor(history_threshold_grid(n_thresholds), dtype=torch.float32)
+            self.register_buffer("history_thresholds", grid, persistent=False)
         self.history_decoder = (
-            HistoryDecoder(config.latent_dim, vocab_size, len(self.history_thresholds))
-            if config.history_weight > 0
-            else None
+            HistoryDecoder(config.latent_dim, vocab_size, n_thresholds) if config.history_weight > 0 else None
         )
+
+    def set_history_thresholds(self, table: Tensor) -> None:
+        """Set each code's history thresholds [V, T] of the `quantile` spacing, in normalised value units.
+
+        Raises:
+            ValueError: the model does not use per-code thresholds, or `table` has the wrong shape or a
+                non-finite entry.
+        """
+        if self.config.history_threshold_spacing != "quantile":
+            raise ValueError("per-code history thresholds need history_threshold_spacing 'quantile'")
+        if tuple(table.shape) != tuple(self.history_thresholds.shape):
+            raise ValueError(f"expected thresholds of shape {tuple(self.history_thresholds.shape)}, got {tuple(table.shape)}")
+        if not torch.isfinite(table).all():
+            raise ValueError("expected finite history thresholds")
+        self.history_thresholds.copy_(table)
+
+    def history_thresholds_ready(self) -> bool:
+        """Return False while the per-code thresholds of the `quantile` spacing are still unset."""
+        return not torch.isnan(self.history_thresholds).any().item()
 
     def summarise_sets(self, batch: dict) -> Tensor:
         """Return the summary [B, S, D] of each set, zeros for padded sets.
