@@ -110,7 +110,7 @@ def test_fit_keeps_thresholds_and_checkpoint_restores_them(cache):
     assert torch.isfinite(trainer.callback_metrics["train/history_loss"])
     state = module.model.state_dict()
     assert torch.equal(state["history_thresholds"], torch.tensor(table, dtype=torch.float32))
-    # The table is no hyperparameter; a module rebuilt from them gets it back with the weights.
+    # The table is not a hyperparameter: a module rebuilt from the hyperparameters gets it back with the weights.
     assert "history_thresholds" not in module.hparams
     rebuilt = PretrainModule(**module.hparams)
     assert not rebuilt.model.history_thresholds_ready()
