@@ -42,8 +42,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from seqsetvae.cache import SplitCache, ensure_cache, fit_preprocessor
-from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
+from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig, from_dict
 from seqsetvae.data import SetSequenceDataModule, SetSequenceDataset, make_loader
+from seqsetvae.errors import UserInputError
 from seqsetvae.lit import PretrainModule
 from seqsetvae.pretrain import EpochProgress, quantile_thresholds
 from seqsetvae.report.baseline import fit_baseline, read_split_events, summary_features
@@ -195,9 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     overrides = parse_overrides(args.set)
-    data_config = DataConfig(**overrides["data"])
-    model_config = ModelConfig(**overrides["model"])
-    pretrain_config = PretrainConfig(**overrides["pretrain"])
+    try:
+        data_config = from_dict(DataConfig, overrides["data"], "--set")
+        model_config = from_dict(ModelConfig, overrides["model"], "--set")
+        pretrain_config = from_dict(PretrainConfig, overrides["pretrain"], "--set")
+    except UserInputError as error:
+        raise SystemExit(f"invalid {error}") from None
     pl.seed_everything(pretrain_config.seed, workers=True, verbose=False)
 
     preprocessor = fit_preprocessor(args.data, data_config)

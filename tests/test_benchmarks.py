@@ -128,6 +128,21 @@ def test_ablation_overrides_go_to_their_config():
         parse_overrides(["latent=3"])
 
 
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("history_thresholds=9.0", "invalid --set: history_thresholds expected int, got 9.0"),
+        ("history_threshold_spacing=deciles", "history_threshold_spacing: expected one of even, quantile"),
+    ],
+)
+def test_ablation_rejects_bad_override_values(tmp_path, pair, message):
+    from benchmarks.ablations import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--name", "bad", "--set", pair])
+    assert not (tmp_path / "out").exists()
+
+
 def test_ablation_baselines_only(small_meds, tmp_path):
     from benchmarks.ablations import main
 
