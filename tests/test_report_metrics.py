@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from seqsetvae.config import ReportConfig
 from seqsetvae.report.build import score_models
-from seqsetvae.report.figures import wilson_interval
+from seqsetvae.report.figures import plot_calibration, wilson_interval
 from seqsetvae.report.metrics import (
     BOOTSTRAP_BLOCK,
     _auroc_auprc,
@@ -216,3 +216,20 @@ def test_wilson_interval_known_values():
     assert high[0] == pytest.approx(0.2775, abs=1e-4)
     assert low[1] == pytest.approx(0.4038, abs=1e-4)
     assert high[1] == pytest.approx(0.5962, abs=1e-4)
+
+
+def test_wilson_interval_contains_rates_of_zero_and_one():
+    # At these counts the formula's bounds land a rounding error past a rate of 0 or 1.
+    count = np.arange(1, 400, dtype=np.float64)
+    for rate in (0.0, 1.0):
+        low, high = wilson_interval(np.full_like(count, rate), count)
+        assert (low <= rate).all() and (high >= rate).all()
+
+
+def test_calibration_figure_with_an_all_negative_bin(tmp_path):
+    # 69 negatives in the lowest bin and 4 positives in the highest: bins at rates 0 and 1.
+    probabilities = np.r_[np.full(69, 0.05), np.full(4, 0.95), np.full(20, 0.5)]
+    labels = np.r_[np.zeros(69), np.ones(4), np.arange(20) % 2].astype(bool)
+    curves = {"model": {"probabilities": probabilities, "label": "model", "metrics": {"brier": 0.1}}}
+    path = plot_calibration(curves, labels, "held_out", 10, tmp_path)
+    assert path.is_file() and path.stat().st_size > 0
