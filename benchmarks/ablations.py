@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         model_config = from_dict(ModelConfig, overrides["model"], "--set")
         pretrain_config = from_dict(PretrainConfig, overrides["pretrain"], "--set")
     except UserInputError as error:
-        raise SystemExit(f"invalid {error}") from None
+        message = str(error)
+        raise SystemExit(message if message.startswith("--set") else f"--set: {message}") from None
     pl.seed_everything(pretrain_config.seed, workers=True, verbose=False)
 
     preprocessor = fit_preprocessor(args.data, data_config)

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from seqsetvae import meds_io
 from seqsetvae.config import DataConfig
 from seqsetvae.errors import UserInputError
-from seqsetvae.preprocess import Preprocessor, fit_streaming, runs
+from seqsetvae.preprocess import VALUE_SAMPLE_SIZE, Preprocessor, ValueSample, fit_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -626,28 +626,28 @@ def load_preprocessor(cache_dir: str | Path) -> Preprocessor:
     return Preprocessor.from_dict(json.loads((Path(cache_dir) / "preprocessor.json").read_text()))
 
 
-QUANTILE_SAMPLE_SIZE = 2_000_000
-"""At most this many values, evenly strided over the split, go into `value_quantiles`."""
+QUANTILE_CHUNK_EVENTS = 10_000_000
+"""Events read from the memory maps at a time by `value_quantiles`."""
 
 
 def value_quantiles(
-    cache_dir: str | Path, split: str, vocab_size: int, levels: tuple[float, ...], max_values: int = QUANTILE_SAMPLE_SIZE
+    cache_dir: str | Path, split: str, vocab_size: int, levels: tuple[float, ...], sample_size: int = VALUE_SAMPLE_SIZE
 ) -> np.ndarray:
     """Return each code's quantiles [vocab_size, len(levels)] of the normalised values of one cached split.
 
-    Rows of codes without a value in the split are NaN. A split with more than
-    `max_values` values contributes every k-th value only, so the quantiles of
-    the most frequent codes are then estimates.
+    Rows of codes without a value in the split are NaN. Each code keeps a
+    seeded random sample of at most `sample_size` values, as in preprocessing,
+    so the quantiles of codes with more values are estimates and every code
+    with a value gets a row.
     """
     split_cache = SplitCache(cache_dir, split)
-    valued = np.flatnonzero(np.asarray(split_cache.has_value))
-    if len(valued) > max_values:
-        valued = valued[:: -(-len(valued) // max_values)]
-    codes = np.asarray(split_cache.codes)[valued].astype(np.int64)
-    values = np.asarray(split_cache.values)[valued].astype(np.float64)
-    order = np.lexsort((values, codes))
-    codes, values = codes[order], values[order]
+    sample = ValueSample(sample_size)
+    for start in range(0, len(split_cache.codes), QUANTILE_CHUNK_EVENTS):
+        chunk = slice(start, start + QUANTILE_CHUNK_EVENTS)
+        valued = np.asarray(split_cache.has_value[chunk])
+        codes = np.asarray(split_cache.codes[chunk])[valued].astype(np.int64)
+        sample.add(codes, np.asarray(split_cache.values[chunk])[valued].astype(np.float64))
     result = np.full((vocab_size, len(levels)), np.nan)
-    for code, start, end in runs(codes):
-        result[code] = np.quantile(values[start:end], levels)
+    for code, values in sample.values.items():
+        result[code] = np.quantile(values, levels)
     return result

@@ -122,6 +122,11 @@ class ModelConfig:
                 f"history_threshold_spacing: expected one of {', '.join(THRESHOLD_SPACINGS)}, "
                 f"got {self.history_threshold_spacing!r}"
             )
+        if self.history_threshold_spacing == "quantile" and not self.history_thresholds:
+            raise UserInputError(
+                "history_threshold_spacing: 'quantile' places history thresholds, but history_thresholds is 0; "
+                "set history_thresholds above 0 or the spacing to 'even'"
+            )
         if self.history_weight < 0:
             raise UserInputError(f"history_weight: expected a value >= 0, got {self.history_weight}")
         if self.value_embedding not in VALUE_EMBEDDINGS:

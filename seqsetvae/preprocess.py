@@ -185,7 +185,7 @@ class ValueSample:
         order = np.argsort(ids, kind="stable")
         ids, values = ids[order], values[order]
         keys = self.rng.random(len(values))
-        for code, start, end in runs(ids):
+        for code, start, end in _runs(ids):
             kept_values = np.concatenate([self.values.get(code, values[:0]), values[start:end]])
             kept_keys = np.concatenate([self.keys.get(code, keys[:0]), keys[start:end]])
             if len(kept_values) > self.capacity:
@@ -201,7 +201,7 @@ class ValueSample:
         return [code for code in self.values if self.count[code] > self.capacity]
 
 
-def runs(sorted_ids: np.ndarray):
+def _runs(sorted_ids: np.ndarray):
     """Yield (id, start, end) for each run of equal values in `sorted_ids`."""
     if not len(sorted_ids):
         return
@@ -355,7 +355,7 @@ def _exact_quantiles(
         values = np.concatenate([part[1] for part in inside[j]])
         order = np.lexsort((values, ids))
         ids, values = ids[order], values[order]
-        for code, start, end in runs(ids):
+        for code, start, end in _runs(ids):
             first, second, weight = _order_statistic_ranks(int(sample.count[code]), q)
             first, second = first - below[code, j], second - below[code, j]
             if first < 0 or second >= end - start:

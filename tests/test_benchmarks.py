@@ -131,8 +131,8 @@ def test_ablation_overrides_go_to_their_config():
 @pytest.mark.parametrize(
     ("pair", "message"),
     [
-        ("history_thresholds=9.0", "invalid --set: history_thresholds expected int, got 9.0"),
-        ("history_threshold_spacing=deciles", "history_threshold_spacing: expected one of even, quantile"),
+        ("history_thresholds=9.0", "--set: history_thresholds expected int, got 9.0"),
+        ("history_threshold_spacing=deciles", "--set: history_threshold_spacing: expected one of even, quantile"),
     ],
 )
 def test_ablation_rejects_bad_override_values(tmp_path, pair, message):

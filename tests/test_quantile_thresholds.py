@@ -54,21 +54,23 @@ def test_value_quantiles_match_pandas(cache):
     assert (np.diff(table[np.isfinite(table).all(axis=1)], axis=1) >= 0).all()
 
 
-def test_value_quantiles_subsample_large_splits(cache):
+def test_value_quantiles_sample_frequent_codes(cache):
     cache_dir, preprocessor = cache
     full = value_quantiles(cache_dir, "train", preprocessor.vocab_size, LEVELS)
-    strided = value_quantiles(cache_dir, "train", preprocessor.vocab_size, LEVELS, max_values=500)
-    common = np.isfinite(strided).all(axis=1)
-    assert common.sum() > 3
-    assert not np.array_equal(strided[common], full[common])
-    # A code can only vanish from the sample, never appear in it.
-    assert not (np.isfinite(strided) & np.isnan(full)).any()
+    sampled = value_quantiles(cache_dir, "train", preprocessor.vocab_size, LEVELS, sample_size=20)
+    train = SplitCache(cache_dir, "train")
+    counts = np.bincount(np.asarray(train.codes)[np.asarray(train.has_value)], minlength=preprocessor.vocab_size)
+    # Every code with a value keeps a row, also the rare ones.
+    assert np.array_equal(np.isfinite(sampled), np.isfinite(full))
+    rare, frequent = (counts > 0) & (counts <= 20), counts > 20
+    assert rare.any() and frequent.any()
+    np.testing.assert_allclose(sampled[rare], full[rare], atol=1e-6)
+    assert not np.allclose(sampled[frequent], full[frequent])
 
 
 def test_quantile_thresholds_only_for_quantile_spacing(cache):
     cache_dir, preprocessor = cache
     assert quantile_thresholds(EVEN, cache_dir, preprocessor.vocab_size) is None
-    assert quantile_thresholds(replace(QUANTILE, history_thresholds=0), cache_dir, preprocessor.vocab_size) is None
     table = np.asarray(quantile_thresholds(QUANTILE, cache_dir, preprocessor.vocab_size))
     expected = pandas_quantiles(cache_dir, preprocessor.vocab_size)
     np.testing.assert_allclose(table, np.nan_to_num(expected, nan=0.0), atol=1e-6)
@@ -98,6 +100,11 @@ def test_set_history_thresholds_checks_table():
 def test_spacing_name_is_checked():
     with pytest.raises(UserInputError, match="history_threshold_spacing: expected one of even, quantile"):
         replace(EVEN, history_threshold_spacing="deciles")
+
+
+def test_quantile_spacing_needs_thresholds():
+    with pytest.raises(UserInputError, match="set history_thresholds above 0 or the spacing to 'even'"):
+        replace(QUANTILE, history_thresholds=0)
 
 
 def test_fit_keeps_thresholds_and_checkpoint_restores_them(cache):
