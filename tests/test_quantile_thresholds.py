@@ -63,7 +63,8 @@ def test_value_quantiles_sample_frequent_codes(cache):
     # Every code with a value keeps a row, also the rare ones.
     assert np.array_equal(np.isfinite(sampled), np.isfinite(full))
     rare, frequent = (counts > 0) & (counts <= 20), counts > 20
-    assert rare.any() and frequent.any()
+    assert rare.any()
+    assert frequent.any()
     np.testing.assert_allclose(sampled[rare], full[rare], atol=1e-6)
     assert not np.allclose(sampled[frequent], full[frequent])
 
@@ -107,7 +108,7 @@ def test_quantile_spacing_needs_thresholds():
         replace(QUANTILE, history_thresholds=0)
 
 
-def test_fit_keeps_thresholds_and_checkpoint_restores_them(cache):
+def test_fit_keeps_thresholds_in_state(cache):
     cache_dir, preprocessor = cache
     pretrain = asdict(PretrainConfig(batch_size=4, max_epochs=1, beta_warmup_steps=0))
     table = quantile_thresholds(QUANTILE, cache_dir, preprocessor.vocab_size)

@@ -286,7 +286,8 @@ class SeqSetVAE(nn.Module):
         n_thresholds = config.history_thresholds
         if config.history_threshold_spacing == "quantile":
             # Each code's own thresholds, fitted on the train split: set_history_thresholds fills them,
-            # and checkpoints carry them.
+            # and checkpoints carry them. NOTE: forward does not check that they are set (NaN compares
+            # as never above). PretrainModule checks at fit start; other callers must set them first.
             self.register_buffer("history_thresholds", torch.full((vocab_size, n_thresholds), float("nan")))
         else:
             grid = torch.tensor(history_threshold_grid(n_thresholds), dtype=torch.float32)
