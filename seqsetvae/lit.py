@@ -38,9 +38,9 @@ class PretrainModule(pl.LightningModule):
         preprocessing: dict,
         history_thresholds: list[list[float]] | None = None,
     ):
-        """`history_thresholds` [V][T] are the per-code thresholds that the `quantile` spacing needs.
+        """Build the model and set `history_thresholds` [V][T], the per-code thresholds of the `quantile` spacing.
 
-        They are not a hyperparameter: the model's state dict carries them, so a
+        They are not a hyperparameter. The model's state dict carries them, so a
         module rebuilt from a checkpoint's hyperparameters gets them back with
         the weights.
         """

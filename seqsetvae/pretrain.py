@@ -222,7 +222,7 @@ def quantile_thresholds(model_config: ModelConfig, cache_dir: str | Path, vocab_
     """Return each code's history thresholds [V][T] for the `quantile` spacing, else None.
 
     The thresholds are the quantiles k / (T + 1) of the code's normalised values
-    in the cached train split. Codes without a value there get 0; their
+    in the cached train split. Codes without a value there get 0, and their
     threshold targets are masked out.
     """
     if not model_config.history_thresholds or model_config.history_threshold_spacing != "quantile":

@@ -63,8 +63,8 @@ def wilson_interval(rate: np.ndarray, count: np.ndarray, z: float = 1.959964) ->
     denominator = 1 + z**2 / count
     centre = (rate + z**2 / (2 * count)) / denominator
     half = z * np.sqrt(rate * (1 - rate) / count + z**2 / (4 * count**2)) / denominator
-    # The interval contains the rate; at a rate of 0 or 1 rounding can put a bound a hair past it,
-    # which would give matplotlib a negative error bar.
+    # The interval contains the rate in exact arithmetic. At a rate of 0 or 1, rounding can put a bound
+    # just past it, and matplotlib rejects the negative error bar that follows.
     return np.minimum(centre - half, rate), np.maximum(centre + half, rate)
 
 
