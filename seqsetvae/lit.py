@@ -55,14 +55,6 @@ class PretrainModule(pl.LightningModule):
             # Batch shapes change from step to step, hence dynamic shapes.
             self.model.compile(dynamic=True)
 
-    def on_fit_start(self) -> None:
-        # Runs after a resumed fit restored the weights, which carry the thresholds.
-        if not self.model.history_thresholds_ready():
-            raise ValueError(
-                "history_threshold_spacing 'quantile' needs each code's thresholds; "
-                "build the module with history_thresholds=seqsetvae.pretrain.quantile_thresholds(...)"
-            )
-
     def beta(self) -> float:
         """Return the KL weight: linear warm-up from 0 over beta_warmup_steps optimiser steps."""
         warmup = self.train_config.beta_warmup_steps

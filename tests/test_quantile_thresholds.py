@@ -12,6 +12,7 @@ import torch
 
 from seqsetvae.cache import SplitCache, ensure_cache, fit_preprocessor, value_quantiles
 from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
+from seqsetvae.data import SetSequenceDataset
 from seqsetvae.errors import UserInputError
 from seqsetvae.lit import PretrainModule
 from seqsetvae.model.core import SeqSetVAE
@@ -122,7 +123,8 @@ def test_fit_keeps_thresholds_in_state(cache):
     assert "history_thresholds" not in module.hparams
     rebuilt = PretrainModule(**module.hparams)
     assert not rebuilt.model.history_thresholds_ready()
-    rebuilt.model.load_state_dict(state)
+    rebuilt.load_state_dict(module.state_dict())
+    assert rebuilt.model.history_thresholds_ready()
     assert torch.equal(rebuilt.model.history_thresholds, state["history_thresholds"])
 
 
@@ -132,3 +134,15 @@ def test_fit_without_thresholds_fails(cache):
     module = PretrainModule(asdict(QUANTILE), pretrain, preprocessor.to_dict())
     with pytest.raises(ValueError, match="needs each code's thresholds"):
         fit_two_batches(module, cache_dir, DATA.max_sets, batch_size=4)
+
+
+def test_forward_needs_thresholds_until_loaded(cache):
+    cache_dir, preprocessor = cache
+    batch = SetSequenceDataset(SplitCache(cache_dir, "train"), DATA.max_sets, labelled=False).collate([0, 1, 2])
+    trained = SeqSetVAE(QUANTILE, preprocessor.vocab_size)
+    trained.set_history_thresholds(torch.tensor(quantile_thresholds(QUANTILE, cache_dir, preprocessor.vocab_size)))
+    fresh = SeqSetVAE(QUANTILE, preprocessor.vocab_size)
+    with pytest.raises(ValueError, match="needs each code's thresholds"):
+        fresh(batch, beta=0.5, free_bits=0.0)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.isfinite(fresh(batch, beta=0.5, free_bits=0.0)["recon_history"])

@@ -263,6 +263,11 @@ def check_batch(batch: dict, vocab_size: int) -> None:
         )
 
 
+def _refresh_thresholds_ready(model: "SeqSetVAE", incompatible_keys) -> None:
+    """After load_state_dict, mark the per-code history thresholds as set when the loaded table is."""
+    model._thresholds_ready = not torch.isnan(model.history_thresholds).any().item()
+
+
 class SeqSetVAE(nn.Module):
     """Sequence-of-sets VAE over packed batches of seqsetvae.batch.
 
@@ -286,12 +291,14 @@ class SeqSetVAE(nn.Module):
         n_thresholds = config.history_thresholds
         if config.history_threshold_spacing == "quantile":
             # Each code's own thresholds, fitted on the train split: set_history_thresholds fills them,
-            # and checkpoints carry them. NOTE: forward does not check that they are set (NaN compares
-            # as never above). PretrainModule checks at fit start; other callers must set them first.
+            # and checkpoints carry them. Until then the table is NaN and forward refuses to run.
             self.register_buffer("history_thresholds", torch.full((vocab_size, n_thresholds), float("nan")))
+            self._thresholds_ready = False
+            self.register_load_state_dict_post_hook(_refresh_thresholds_ready)
         else:
             grid = torch.tensor(history_threshold_grid(n_thresholds), dtype=torch.float32)
             self.register_buffer("history_thresholds", grid, persistent=False)
+            self._thresholds_ready = True
         self.history_decoder = (
             HistoryDecoder(config.latent_dim, vocab_size, n_thresholds) if config.history_weight > 0 else None
         )
@@ -310,10 +317,11 @@ class SeqSetVAE(nn.Module):
         if not torch.isfinite(table).all():
             raise ValueError("expected finite history thresholds")
         self.history_thresholds.copy_(table)
+        self._thresholds_ready = True
 
     def history_thresholds_ready(self) -> bool:
         """Return False while the per-code thresholds of the `quantile` spacing are still unset."""
-        return not torch.isnan(self.history_thresholds).any().item()
+        return self._thresholds_ready
 
     def summarise_sets(self, batch: dict) -> Tensor:
         """Return the summary [B, S, D] of each set, zeros for padded sets.
@@ -389,6 +397,11 @@ class SeqSetVAE(nn.Module):
         """
         if beta < 0 or free_bits < 0:
             raise ValueError(f"expected beta >= 0 and free_bits >= 0, got beta={beta}, free_bits={free_bits}")
+        if self.history_decoder is not None and not self._thresholds_ready:
+            raise ValueError(
+                "history_threshold_spacing 'quantile' needs each code's thresholds; call set_history_thresholds "
+                "or build PretrainModule with history_thresholds=seqsetvae.pretrain.quantile_thresholds(...)"
+            )
         posterior = self.encode(batch)
         post_mu, post_logvar = posterior["post_mu"], posterior["post_logvar"]
         z = post_mu + torch.randn_like(post_mu) * torch.exp(0.5 * post_logvar) if self.training else post_mu
