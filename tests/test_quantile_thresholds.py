@@ -132,7 +132,7 @@ def test_fit_without_thresholds_fails(cache):
     cache_dir, preprocessor = cache
     pretrain = asdict(PretrainConfig(batch_size=4, max_epochs=1, beta_warmup_steps=0))
     module = PretrainModule(asdict(QUANTILE), pretrain, preprocessor.to_dict())
-    with pytest.raises(ValueError, match="needs each code's thresholds"):
+    with pytest.raises(ValueError, match="missing per-code history thresholds"):
         fit_two_batches(module, cache_dir, DATA.max_sets, batch_size=4)
 
 
@@ -142,7 +142,7 @@ def test_forward_needs_thresholds_until_loaded(cache):
     trained = SeqSetVAE(QUANTILE, preprocessor.vocab_size)
     trained.set_history_thresholds(torch.tensor(quantile_thresholds(QUANTILE, cache_dir, preprocessor.vocab_size)))
     fresh = SeqSetVAE(QUANTILE, preprocessor.vocab_size)
-    with pytest.raises(ValueError, match="needs each code's thresholds"):
+    with pytest.raises(ValueError, match="missing per-code history thresholds"):
         fresh(batch, beta=0.5, free_bits=0.0)
     fresh.load_state_dict(trained.state_dict())
     assert torch.isfinite(fresh(batch, beta=0.5, free_bits=0.0)["recon_history"])

@@ -291,7 +291,7 @@ class SeqSetVAE(nn.Module):
         n_thresholds = config.history_thresholds
         if config.history_threshold_spacing == "quantile":
             # Each code's own thresholds, fitted on the train split: set_history_thresholds fills them,
-            # and checkpoints carry them. Until then the table is NaN and forward refuses to run.
+            # and checkpoints carry them. Until then the table is NaN and forward raises.
             self.register_buffer("history_thresholds", torch.full((vocab_size, n_thresholds), float("nan")))
             self._thresholds_ready = False
             self.register_load_state_dict_post_hook(_refresh_thresholds_ready)
@@ -399,8 +399,9 @@ class SeqSetVAE(nn.Module):
             raise ValueError(f"expected beta >= 0 and free_bits >= 0, got beta={beta}, free_bits={free_bits}")
         if self.history_decoder is not None and not self._thresholds_ready:
             raise ValueError(
-                "history_threshold_spacing 'quantile' needs each code's thresholds; call set_history_thresholds "
-                "or build PretrainModule with history_thresholds=seqsetvae.pretrain.quantile_thresholds(...)"
+                "missing per-code history thresholds for history_threshold_spacing 'quantile'; call "
+                "set_history_thresholds or build PretrainModule with "
+                "history_thresholds=seqsetvae.pretrain.quantile_thresholds(...)"
             )
         posterior = self.encode(batch)
         post_mu, post_logvar = posterior["post_mu"], posterior["post_logvar"]
