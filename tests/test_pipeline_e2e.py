@@ -235,3 +235,21 @@ def test_sweep_keeps_best_epoch(run_dir, small_meds, tmp_path):
     assert saved["metrics"]["epoch"] == int(history.loc[history["val/auprc"].idxmax(), "epoch"])
     assert best["val_auprc"] == pytest.approx(history["val/auprc"].max(), abs=1e-6)
     assert saved["metrics"]["val/auprc"] == pytest.approx(trials["val_auprc"].max(), abs=1e-6)
+
+
+def test_probe_scores_run_encoder(run_dir, capsys):
+    from benchmarks.probe import main as probe_main
+
+    probe_main([str(run_dir)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["variant"] for line in lines] == ["last", "last_mu"]
+    for line in lines:
+        assert 0.0 <= line["held_out_auroc"] <= 1.0
+        assert 0.0 <= line["tuning_auprc"] <= 1.0
+
+
+def test_probe_names_missing_summary(tmp_path):
+    from benchmarks.probe import main as probe_main
+
+    with pytest.raises(SystemExit, match=r"summary\.json: not found; pass the output directory"):
+        probe_main([str(tmp_path)])
