@@ -47,10 +47,14 @@ def probe_run(run_dir: Path, seed: int = 0) -> dict[str, dict]:
     for split in LABELLED_SPLITS:
         split_dir = run_dir / "cache" / split
         if not split_dir.is_dir():
-            raise UserInputError(f"{split_dir}: cached split not found; pass the directory of a finished `seqsetvae run`")
+            raise UserInputError(
+                f"{split_dir}: cached split not found; pass the directory of a finished `seqsetvae run`"
+            )
         caches[split] = SplitCache(run_dir / "cache", split, task=data_config["task"])
     with torch.no_grad():
-        encoded = {split: encode_split(encoder.model, cache, data_config["max_sets"]) for split, cache in caches.items()}
+        encoded = {
+            split: encode_split(encoder.model, cache, data_config["max_sets"]) for split, cache in caches.items()
+        }
     labels = {split: np.asarray(cache.labels["value"], dtype=bool) for split, cache in caches.items()}
     return {
         variant: probe({split: encoded[split][variant] for split in LABELLED_SPLITS}, labels, seed)

@@ -237,15 +237,25 @@ def test_sweep_keeps_best_epoch(run_dir, small_meds, tmp_path):
     assert saved["metrics"]["val/auprc"] == pytest.approx(trials["val_auprc"].max(), abs=1e-6)
 
 
-def test_probe_scores_run_encoder(run_dir, capsys):
+def test_probe_scores_run_encoder(run_dir, tmp_path, capsys):
     from benchmarks.probe import main as probe_main
 
-    probe_main([str(run_dir)])
+    # A run given --pretrained-ckpt has no pretrain/ directory: its summary names the encoder.
+    reused = tmp_path / "reused"
+    reused.mkdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["pretrained"] = str(run_dir / "pretrain" / "pretrained.pt")
+    (reused / "summary.json").write_text(json.dumps(summary))
+    (reused / "cache").symlink_to(run_dir / "cache")
+
+    probe_main([str(run_dir), str(reused)])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["variant"] for line in lines] == ["last", "last_mu"]
+    assert [line["variant"] for line in lines] == ["last", "last_mu", "last", "last_mu"]
     for line in lines:
         assert 0.0 <= line["held_out_auroc"] <= 1.0
         assert 0.0 <= line["tuning_auprc"] <= 1.0
+    scores = [{key: value for key, value in line.items() if key != "run"} for line in lines]
+    assert scores[:2] == scores[2:]
 
 
 def test_probe_names_missing_summary(tmp_path):
