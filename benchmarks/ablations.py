@@ -115,6 +115,17 @@ def probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], seed: 
     return scores
 
 
+@torch.no_grad()
+def probe_variants(model, caches: dict[str, SplitCache], max_sets: int, seed: int, variants=None) -> dict[str, dict]:
+    """Encode the labelled splits once and return the probe scores of each feature variant (all by default)."""
+    encoded = {split: encode_split(model, cache, max_sets) for split, cache in caches.items()}
+    labels = {split: np.asarray(cache.labels["value"], dtype=bool) for split, cache in caches.items()}
+    return {
+        variant: probe({split: encoded[split][variant] for split in LABELLED_SPLITS}, labels, seed)
+        for variant in variants or encoded["train"]
+    }
+
+
 def baseline_scores(meds_root: Path, caches: dict[str, SplitCache], seed: int) -> dict:
     """Score the report's gradient-boosting baseline and two logistic regressions on the same summaries.
 
@@ -246,13 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     result["probe_history"] = probes.history if probes else []
     result["val"] = {key: round(float(value), 4) for key, value in trainer.callback_metrics.items()}
 
-    encoded = {split: encode_split(module.model, cache, data_config.max_sets) for split, cache in caches.items()}
-    labels = {split: np.asarray(cache.labels["value"], dtype=bool) for split, cache in caches.items()}
-    result["probes"] = {}
-    for variant in encoded["train"]:
-        features = {split: encoded[split][variant] for split in LABELLED_SPLITS}
-        result["probes"][variant] = probe(features, labels, pretrain_config.seed)
-        logger.info("Probe %s: %s", variant, result["probes"][variant])
+    result["probes"] = probe_variants(module.model, caches, data_config.max_sets, pretrain_config.seed)
+    for variant, scores in result["probes"].items():
+        logger.info("Probe %s: %s", variant, scores)
 
     write_result(args.out, result)
 

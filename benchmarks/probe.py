@@ -18,10 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from benchmarks.ablations import LABELLED_SPLITS, encode_split, probe
+from benchmarks.ablations import LABELLED_SPLITS, probe_variants
 from seqsetvae.cache import SplitCache
 from seqsetvae.encoder import load_pretrained_encoder
 from seqsetvae.errors import UserInputError
@@ -33,14 +30,14 @@ def probe_run(run_dir: Path, seed: int = 0) -> dict[str, dict]:
     """Return the probe scores of each feature variant of the encoder of one `seqsetvae run` directory.
 
     Raises:
-        UserInputError: the directory lacks `summary.json`, `pretrain/pretrained.pt` or a cached split.
+        UserInputError: the directory has no `summary.json`, encoder checkpoint or cached split.
     """
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise UserInputError(f"{summary_path}: not found; pass the output directory of a finished `seqsetvae run`")
     summary = json.loads(summary_path.read_text())
     data_config = summary["config"]["data"]
-    # A run given --pretrained-ckpt has no pretrain/ of its own; its summary names the encoder it used.
+    # A run given --pretrained-ckpt has no pretrain/ directory, so its summary names the encoder it used.
     pretrained = run_dir / "pretrain" / "pretrained.pt"
     encoder = load_pretrained_encoder(pretrained if pretrained.is_file() else summary["pretrained"])
     caches = {}
@@ -51,15 +48,7 @@ def probe_run(run_dir: Path, seed: int = 0) -> dict[str, dict]:
                 f"{split_dir}: cached split not found; pass the directory of a finished `seqsetvae run`"
             )
         caches[split] = SplitCache(run_dir / "cache", split, task=data_config["task"])
-    with torch.no_grad():
-        encoded = {
-            split: encode_split(encoder.model, cache, data_config["max_sets"]) for split, cache in caches.items()
-        }
-    labels = {split: np.asarray(cache.labels["value"], dtype=bool) for split, cache in caches.items()}
-    return {
-        variant: probe({split: encoded[split][variant] for split in LABELLED_SPLITS}, labels, seed)
-        for variant in VARIANTS
-    }
+    return probe_variants(encoder.model, caches, data_config["max_sets"], seed, VARIANTS)
 
 
 def main(argv: list[str] | None = None) -> None:

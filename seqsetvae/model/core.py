@@ -264,7 +264,7 @@ def check_batch(batch: dict, vocab_size: int) -> None:
 
 
 def _refresh_thresholds_ready(model: "SeqSetVAE", incompatible_keys) -> None:
-    """After load_state_dict, mark the per-code history thresholds as set when the loaded table is."""
+    """Mark the per-code history thresholds as set after load_state_dict when the loaded table has no NaN."""
     model._thresholds_ready = not torch.isnan(model.history_thresholds).any().item()
 
 
