@@ -139,6 +139,9 @@ class ModelConfig:
             )
 
 
+# Learning-rate schedules of pretraining.
+LR_SCHEDULES = ("constant", "cosine")
+
 # Lightning precision settings that pretraining accepts.
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
@@ -151,12 +154,18 @@ class PretrainConfig:
         beta: Weight of the KL term after warm-up.
         beta_warmup_steps: Optimiser steps over which beta rises linearly from 0.
         free_bits: Minimum KL per latent dimension (nats) that is not penalised further.
+        lr_schedule: `constant` keeps `lr` throughout; `cosine` decays it to 0 along a half
+            cosine over every optimiser step of the run, so the encoder at the last epoch has
+            settled instead of still moving at the full rate.
     """
 
     max_epochs: int = option(8, "number of pretraining epochs")
     batch_size: int = option(32, "subjects per batch on each worker")
     lr: float = option(1e-3, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
+    lr_schedule: str = option(
+        "constant", f"learning-rate schedule, one of {', '.join(LR_SCHEDULES)}; cosine decays lr to 0 over the run"
+    )
     beta: float = option(0.5, "KL weight after warm-up")
     beta_warmup_steps: int = option(500, "optimiser steps of linear KL warm-up from 0 to beta")
     free_bits: float = option(0.05, "free bits: KL per latent dimension, in nats, below which it is not penalised")
@@ -181,6 +190,8 @@ class PretrainConfig:
         _check_positive(self, "max_epochs", "batch_size", "num_workers", "log_every_n_steps")
         if self.cpus_per_worker < 0:
             raise UserInputError(f"cpus_per_worker: expected 0 (automatic) or a positive count, got {self.cpus_per_worker}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserInputError(f"lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise UserInputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision.startswith("16-") and not self.use_gpu:

@@ -70,6 +70,7 @@ class PretrainModule(pl.LightningModule):
         self.log("train/kl_loss", out["kl_raw"], batch_size=batch_size)
         self.log("train/history_loss", out["recon_history"], batch_size=batch_size)
         self.log("train/beta", beta, batch_size=batch_size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         active = self.model.active_units(out["post_mu"].detach(), batch["set_mask"])
         self.log("train/active_units", active, batch_size=batch_size)
         return out["loss"]
@@ -101,9 +102,17 @@ class PretrainModule(pl.LightningModule):
             self.log(f"val/{key}", float(metrics[key]), prog_bar=key == "loss", sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.train_config.lr, weight_decay=self.train_config.weight_decay
         )
+        if self.train_config.lr_schedule == "constant":
+            return optimizer
+        # Stepped once per optimiser step; Lightning saves its state in the checkpoint, so a resumed
+        # run continues along the same curve.
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, int(self.trainer.estimated_stepping_batches))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class ValidationSums:

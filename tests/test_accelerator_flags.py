@@ -84,3 +84,19 @@ def test_data_module_pin_memory(cache, pin_memory):
     datamodule = SetSequenceDataModule(cache_dir, max_sets=DATA.max_sets, batch_size=4, pin_memory=pin_memory)
     assert datamodule.train_dataloader().pin_memory is pin_memory
     assert datamodule.val_dataloader().pin_memory is pin_memory
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_over_the_run(cache, schedule):
+    module, trainer, _ = fit_tiny(cache, lr=1e-3, lr_schedule=schedule)
+
+    final_lr = trainer.optimizers[0].param_groups[0]["lr"]
+    if schedule == "constant":
+        assert trainer.lr_scheduler_configs == []
+        assert final_lr == pytest.approx(1e-3)
+    else:
+        # Two optimiser steps in all: the half cosine spans both and ends at 0.
+        (config,) = trainer.lr_scheduler_configs
+        assert config.interval == "step"
+        assert config.scheduler.T_max == 2
+        assert final_lr == pytest.approx(0.0, abs=1e-12)
