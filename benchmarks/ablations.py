@@ -236,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         history_thresholds=quantile_thresholds(model_config, cache_dir, preprocessor.vocab_size),
     )
     datamodule = SetSequenceDataModule(
-        cache_dir, max_sets=data_config.max_sets, batch_size=pretrain_config.batch_size, seed=pretrain_config.seed
+        cache_dir,
+        max_sets=data_config.max_sets,
+        batch_size=pretrain_config.batch_size,
+        train_split=pretrain_config.train_splits(),
+        seed=pretrain_config.seed,
     )
     probes = ProbeEveryEpochs(args.probe_every, caches, data_config.max_sets, pretrain_config.seed) if args.probe_every else None
     trainer = pl.Trainer(

@@ -139,6 +139,9 @@ class ModelConfig:
             )
 
 
+# Splits whose events pretraining may read. The held-out split is left for evaluation.
+PRETRAIN_SPLITS = ("train", "tuning")
+
 # Learning-rate schedules of pretraining.
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -154,6 +157,9 @@ class PretrainConfig:
         beta: Weight of the KL term after warm-up.
         beta_warmup_steps: Optimiser steps over which beta rises linearly from 0.
         free_bits: Minimum KL per latent dimension (nats) that is not penalised further.
+        pretrain_splits: Comma-separated splits whose events, without labels, pretraining
+            trains on. Validation stays on the tuning split, so with `train,tuning` the
+            validation loss is measured on events the model has trained on.
         lr_schedule: `constant` keeps `lr` throughout; `cosine` decays it to 0 along a half
             cosine over every optimiser step of the run, so the encoder at the last epoch has
             settled instead of still moving at the full rate.
@@ -169,6 +175,11 @@ class PretrainConfig:
     beta: float = option(0.5, "KL weight after warm-up")
     beta_warmup_steps: int = option(500, "optimiser steps of linear KL warm-up from 0 to beta")
     free_bits: float = option(0.05, "free bits: KL per latent dimension, in nats, below which it is not penalised")
+    pretrain_splits: str = option(
+        "train",
+        "comma-separated MEDS splits whose events, without labels, pretraining trains on: train or train,tuning; "
+        "held_out is never read",
+    )
     num_workers: int = option(1, "Ray Train workers (DDP processes)")
     cpus_per_worker: int = option(
         0,
@@ -190,6 +201,12 @@ class PretrainConfig:
         _check_positive(self, "max_epochs", "batch_size", "num_workers", "log_every_n_steps")
         if self.cpus_per_worker < 0:
             raise UserInputError(f"cpus_per_worker: expected 0 (automatic) or a positive count, got {self.cpus_per_worker}")
+        splits = self.train_splits()
+        if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(PRETRAIN_SPLITS):
+            raise UserInputError(
+                f"pretrain_splits: expected train, tuning or train,tuning (held_out is kept for evaluation), "
+                f"got {self.pretrain_splits!r}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserInputError(f"lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
@@ -203,6 +220,10 @@ class PretrainConfig:
                 f"lr={self.lr}, beta={self.beta}, free_bits={self.free_bits}, "
                 f"beta_warmup_steps={self.beta_warmup_steps}"
             )
+
+    def train_splits(self) -> tuple[str, ...]:
+        """Return the splits of `pretrain_splits`, in the order given."""
+        return tuple(part.strip() for part in self.pretrain_splits.split(",") if part.strip())
 
 
 HEAD_INITS = ("normal", "xavier", "zero_logodds")

@@ -110,8 +110,58 @@ class SetSequenceDataset(Dataset):
         return batch
 
 
+class ConcatSetDataset(Dataset):
+    """Unlabelled subjects of several cached splits as one dataset, for pretraining.
+
+    Sample i is subject i of the splits laid end to end. A batch that mixes
+    splits is packed per split and padded to one shape; `index` keeps the
+    positions in the joint dataset.
+    """
+
+    def __init__(self, parts: list[SetSequenceDataset]):
+        self.parts = parts
+        self._starts = np.cumsum([0] + [len(part) for part in parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def sample_lengths(self) -> np.ndarray:
+        return np.concatenate([part.sample_lengths() for part in self.parts])
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        owner = np.searchsorted(self._starts, idx, side="right") - 1
+        batches, order = [], []
+        for number, part in enumerate(self.parts):
+            mine = idx[owner == number]
+            if len(mine):
+                batches.append(part.collate((mine - self._starts[number]).tolist()))
+                order.append(mine)
+        if len(batches) == 1:
+            batch = batches[0]
+        else:
+            max_sets = max(b["set_mask"].shape[1] for b in batches)
+            max_events = max(b["event_mask"].shape[2] for b in batches)
+            batch = {}
+            for key in batches[0]:
+                pad_value = PAD_CODE if key == "codes" else 0
+                padded = []
+                for b in batches:
+                    tensor = b[key]
+                    widths = [0, max_events - tensor.shape[2]] if tensor.dim() == 3 else []
+                    if tensor.dim() >= 2:
+                        widths += [0, max_sets - tensor.shape[1]]
+                    padded.append(torch.nn.functional.pad(tensor, widths, value=pad_value) if widths else tensor)
+                batch[key] = torch.cat(padded)
+        batch["index"] = torch.from_numpy(np.concatenate(order))
+        return batch
+
+
 def make_loader(
-    dataset: SetSequenceDataset,
+    dataset: SetSequenceDataset | ConcatSetDataset,
     batch_size: int,
     shuffle: bool,
     num_workers: int = 0,
@@ -152,13 +202,16 @@ class SetSequenceDataModule(pl.LightningDataModule):
         max_sets: int,
         batch_size: int,
         task: str | None = None,
-        train_split: str = "train",
+        train_split: str | tuple[str, ...] = "train",
         val_split: str = "tuning",
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
     ):
-        """`pin_memory` puts batches in page-locked memory, which speeds up their copy to a GPU."""
+        """`pin_memory` puts batches in page-locked memory, which speeds up their copy to a GPU.
+
+        `train_split` may name several splits, whose unlabelled subjects pretraining reads together.
+        """
         super().__init__()
         self.cache_dir = Path(cache_dir)
         self.max_sets = max_sets
@@ -170,7 +223,13 @@ class SetSequenceDataModule(pl.LightningDataModule):
         self.seed = seed
         self.pin_memory = pin_memory
 
-    def dataset(self, split: str) -> SetSequenceDataset:
+    def dataset(self, split: str | tuple[str, ...]) -> SetSequenceDataset | ConcatSetDataset:
+        if not isinstance(split, str):
+            if len(split) == 1:
+                return self.dataset(split[0])
+            if self.task is not None:
+                raise ValueError(f"finetuning reads one train split, got {', '.join(split)}")
+            return ConcatSetDataset([self.dataset(name) for name in split])
         cache = SplitCache(self.cache_dir, split, task=self.task)
         return SetSequenceDataset(cache, self.max_sets, labelled=self.task is not None)
 

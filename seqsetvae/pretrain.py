@@ -73,6 +73,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loop_config["cache_dir"],
         max_sets=data_config.max_sets,
         batch_size=train_config.batch_size,
+        train_split=train_config.train_splits(),
         num_workers=train_config.dataloader_workers,
         seed=train_config.seed,
         pin_memory=train_config.use_gpu,
@@ -188,7 +189,8 @@ def run_pretraining(
         ),
     )
     logger.info(
-        "Pretraining on %d Ray Train worker(s), %s, for %d epochs",
+        "Pretraining on the events of %s, %d Ray Train worker(s), %s, for %d epochs",
+        " and ".join(train_config.train_splits()),
         train_config.num_workers,
         "GPU" if train_config.use_gpu else "CPU",
         train_config.max_epochs,

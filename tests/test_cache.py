@@ -10,11 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from seqsetvae.batch import UNK_CODE
+from seqsetvae.batch import PAD_CODE, UNK_CODE
 from seqsetvae.cache import SplitCache, ensure_cache, fit_preprocessor
 from seqsetvae.config import DataConfig
-from seqsetvae.data import SetSequenceDataset
+from seqsetvae.config import PretrainConfig
+from seqsetvae.data import SetSequenceDataModule, SetSequenceDataset
 from seqsetvae.errors import UserInputError
 from seqsetvae.meds_write import write_labels
 from seqsetvae.preprocess import Preprocessor
@@ -91,6 +93,39 @@ def test_padding_and_set_times(built):
         valid = times[row][set_mask[row]]
         assert bool((valid[1:] > valid[:-1]).all())
     assert not bool(batch["event_mask"][~set_mask].any())
+
+
+def test_joint_splits_pack_each_subject_as_its_own_split(built):
+    config, _, cache_dir, _ = built
+    module = SetSequenceDataModule(cache_dir, config.max_sets, batch_size=4, train_split=("train", "tuning"))
+    joint = module.dataset(module.train_split)
+    train = SetSequenceDataset(SplitCache(cache_dir, "train"), config.max_sets, labelled=False)
+    tuning = SetSequenceDataset(SplitCache(cache_dir, "tuning"), config.max_sets, labelled=False)
+    assert len(joint) == len(train) + len(tuning)
+    np.testing.assert_array_equal(joint.sample_lengths(), np.concatenate([train.sample_lengths(), tuning.sample_lengths()]))
+
+    # Subjects 2 and 7 of tuning, 5 of train: two splits in one batch.
+    first_tuning = len(train)
+    batch = joint.collate([first_tuning + 2, 5, first_tuning + 7])
+    assert batch["index"].tolist() == [5, first_tuning + 2, first_tuning + 7]
+    for row, (dataset, position) in enumerate([(train, 5), (tuning, 2), (tuning, 7)]):
+        alone = dataset.collate([position])
+        n_sets, n_events = alone["event_mask"].shape[1:]
+        for key in ("codes", "values", "has_value", "event_mask", "set_times", "set_mask"):
+            got = batch[key][row].clone()
+            region = (slice(0, n_sets), slice(0, n_events)) if got.dim() == 2 else (slice(0, n_sets),)
+            assert torch.equal(got[region], alone[key][0]), key
+            # Everything past this subject's own sets and events is padding.
+            padding = PAD_CODE if key == "codes" else 0
+            got[region] = padding
+            assert bool((got == padding).all()), key
+
+
+@pytest.mark.parametrize("value", ["held_out", "train,held_out", "train,train", ""])
+def test_pretraining_never_reads_held_out(value):
+    with pytest.raises(UserInputError, match="pretrain_splits"):
+        PretrainConfig(pretrain_splits=value)
+    assert PretrainConfig(pretrain_splits="train, tuning").train_splits() == ("train", "tuning")
 
 
 def test_labels_only_see_events_before_prediction_time(small_meds, tmp_path):
