@@ -157,9 +157,9 @@ class PretrainConfig:
         beta: Weight of the KL term after warm-up.
         beta_warmup_steps: Optimiser steps over which beta rises linearly from 0.
         free_bits: Minimum KL per latent dimension (nats) that is not penalised further.
-        pretrain_splits: Comma-separated splits whose events, without labels, pretraining
-            trains on. Validation stays on the tuning split, so with `train,tuning` the
-            validation loss is measured on events the model has trained on.
+        pretrain_splits: `train`, or `train,tuning` to train on the tuning split's events
+            too, without labels. Validation stays on the tuning split, so with `train,tuning`
+            the validation loss is measured on events the model has trained on.
         lr_schedule: `constant` keeps `lr` throughout; `cosine` decays it to 0 along a half
             cosine over every optimiser step of the run, so the encoder at the last epoch has
             settled instead of still moving at the full rate.
@@ -177,7 +177,7 @@ class PretrainConfig:
     free_bits: float = option(0.05, "free bits: KL per latent dimension, in nats, below which it is not penalised")
     pretrain_splits: str = option(
         "train",
-        "comma-separated MEDS splits whose events, without labels, pretraining trains on: train or train,tuning; "
+        "MEDS splits whose events, without labels, pretraining trains on: train or train,tuning; "
         "held_out is never read",
     )
     num_workers: int = option(1, "Ray Train workers (DDP processes)")
@@ -201,10 +201,10 @@ class PretrainConfig:
         _check_positive(self, "max_epochs", "batch_size", "num_workers", "log_every_n_steps")
         if self.cpus_per_worker < 0:
             raise UserInputError(f"cpus_per_worker: expected 0 (automatic) or a positive count, got {self.cpus_per_worker}")
-        splits = self.train_splits()
-        if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(PRETRAIN_SPLITS):
+        parts = self.pretrain_splits.split(",") if isinstance(self.pretrain_splits, str) else []
+        if sorted(part.strip() for part in parts) not in (["train"], ["train", "tuning"]):
             raise UserInputError(
-                f"pretrain_splits: expected train, tuning or train,tuning (held_out is kept for evaluation), "
+                f"pretrain_splits: expected train or train,tuning (held_out is kept for evaluation), "
                 f"got {self.pretrain_splits!r}"
             )
         if self.lr_schedule not in LR_SCHEDULES:
@@ -222,8 +222,9 @@ class PretrainConfig:
             )
 
     def train_splits(self) -> tuple[str, ...]:
-        """Return the splits of `pretrain_splits`, in the order given."""
-        return tuple(part.strip() for part in self.pretrain_splits.split(",") if part.strip())
+        """Return the splits of `pretrain_splits` in the order of PRETRAIN_SPLITS, whatever order they were given in."""
+        given = {part.strip() for part in self.pretrain_splits.split(",")}
+        return tuple(split for split in PRETRAIN_SPLITS if split in given)
 
 
 HEAD_INITS = ("normal", "xavier", "zero_logodds")

@@ -133,15 +133,17 @@ class ConcatSetDataset(Dataset):
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"sample index out of range for {len(self)} subjects")
         owner = np.searchsorted(self._starts, idx, side="right") - 1
-        batches, order = [], []
+        batches, order = [], [idx[:0]]
         for number, part in enumerate(self.parts):
             mine = idx[owner == number]
             if len(mine):
                 batches.append(part.collate((mine - self._starts[number]).tolist()))
                 order.append(mine)
-        if len(batches) == 1:
-            batch = batches[0]
+        if len(batches) <= 1:
+            batch = batches[0] if batches else self.parts[0].collate([])
         else:
             max_sets = max(b["set_mask"].shape[1] for b in batches)
             max_events = max(b["event_mask"].shape[2] for b in batches)

@@ -107,11 +107,14 @@ class PretrainModule(pl.LightningModule):
         )
         if self.train_config.lr_schedule == "constant":
             return optimizer
-        # Stepped once per optimiser step; Lightning saves its state in the checkpoint, so a resumed
-        # run continues along the same curve.
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, int(self.trainer.estimated_stepping_batches))
-        )
+        # Stepped once per optimiser step. Lightning restores the step count on resume, and the factor
+        # stays at 0 past the end, so a resumed run with more steps than the first never climbs back up.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def factor(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -188,6 +188,11 @@ def run_pretraining(
             failure_config=FailureConfig(max_failures=train_config.max_failures),
         ),
     )
+    if "tuning" in train_config.train_splits():
+        logger.warning(
+            "Pretraining trains on the tuning split, which is also its validation split: val/loss, which picks "
+            "the exported checkpoint, is measured on trained-on events"
+        )
     logger.info(
         "Pretraining on the events of %s, %d Ray Train worker(s), %s, for %d epochs",
         " and ".join(train_config.train_splits()),

@@ -120,12 +120,17 @@ def test_joint_splits_pack_each_subject_as_its_own_split(built):
             got[region] = padding
             assert bool((got == padding).all()), key
 
+    # An empty shard of a batch, as the sharded samplers can yield.
+    empty = joint.collate([])
+    assert empty["codes"].shape[0] == 0 and empty["index"].tolist() == []
 
-@pytest.mark.parametrize("value", ["held_out", "train,held_out", "train,train", ""])
+
+@pytest.mark.parametrize("value", ["held_out", "train,held_out", "train,train", "tuning", "", None, ["train"]])
 def test_pretraining_never_reads_held_out(value):
-    with pytest.raises(UserInputError, match="pretrain_splits"):
+    with pytest.raises(UserInputError, match="pretrain_splits: expected train or train,tuning"):
         PretrainConfig(pretrain_splits=value)
-    assert PretrainConfig(pretrain_splits="train, tuning").train_splits() == ("train", "tuning")
+    assert PretrainConfig(pretrain_splits="tuning, train").train_splits() == ("train", "tuning")
+    assert PretrainConfig().train_splits() == ("train",)
 
 
 def test_labels_only_see_events_before_prediction_time(small_meds, tmp_path):

@@ -29,7 +29,7 @@ def test_steps_cover_both_pretraining_splits(ray_local, small_meds, tmp_path):
     metrics = pd.read_csv(tmp_path / "out" / METRICS_FILE)
     steps_per_epoch = math.ceil(subjects / config.batch_size)
     assert metrics["step"].tolist() == [steps_per_epoch, 2 * steps_per_epoch]
-    # The cosine spans both epochs: the last step's rate is just above 0, the first epoch's mean near lr / 2.
-    assert metrics["train/lr"].iloc[-1] < 0.5 * config.lr
+    # The cosine spans both epochs: the rate logged at the last step of epoch 1 is above lr / 2, at the end near 0.
+    assert metrics["train/lr"].iloc[-1] < 0.05 * config.lr
     assert metrics["train/lr"].iloc[0] > 0.5 * config.lr
     assert result.epochs == 2
