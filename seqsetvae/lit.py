@@ -107,8 +107,8 @@ class PretrainModule(pl.LightningModule):
         )
         if self.train_config.lr_schedule == "constant":
             return optimizer
-        # Stepped once per optimiser step. Lightning restores the step count on resume, and the factor
-        # stays at 0 past the end, so a resumed run with more steps than the first never climbs back up.
+        # Stepped once per optimiser step. Lightning restores the step count on resume, and the curve
+        # follows this run's length; unlike CosineAnnealingLR, the factor stays at 0 past the end.
         total = max(1, int(self.trainer.estimated_stepping_batches))
 
         def factor(step: int) -> float:
