@@ -160,7 +160,7 @@ class PretrainConfig:
         pretrain_splits: `train`, or `train,tuning` to train on the tuning split's events
             too, without labels. Validation stays on the tuning split, so with `train,tuning`
             the validation loss is measured on events the model has trained on.
-        lr_schedule: `constant` keeps `lr` throughout; `cosine` decays it to 0 along a half
+        lr_schedule: `constant` keeps `lr` throughout. `cosine` decays it to 0 along a half
             cosine over every optimiser step of the run, so the encoder at the last epoch has
             settled instead of still moving at the full rate.
     """
@@ -223,8 +223,8 @@ class PretrainConfig:
 
     def train_splits(self) -> tuple[str, ...]:
         """Return the splits of `pretrain_splits` in the order of PRETRAIN_SPLITS, whatever order they were given in."""
-        given = {part.strip() for part in self.pretrain_splits.split(",")}
-        return tuple(split for split in PRETRAIN_SPLITS if split in given)
+        requested = {part.strip() for part in self.pretrain_splits.split(",")}
+        return tuple(split for split in PRETRAIN_SPLITS if split in requested)
 
 
 HEAD_INITS = ("normal", "xavier", "zero_logodds")

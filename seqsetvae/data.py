@@ -114,8 +114,8 @@ class ConcatSetDataset(Dataset):
     """Unlabelled subjects of several cached splits as one dataset, for pretraining.
 
     Sample i is subject i of the splits laid end to end. A batch that mixes
-    splits is packed per split and padded to one shape; `index` keeps the
-    positions in the joint dataset.
+    splits is packed per split and padded to one shape. Its `index` holds
+    the positions in the joint dataset.
     """
 
     def __init__(self, parts: list[SetSequenceDataset]):
@@ -132,34 +132,40 @@ class ConcatSetDataset(Dataset):
         return np.concatenate([part.sample_lengths() for part in self.parts])
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Pack samples of any splits into [B, S, N] tensors, grouped by split."""
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range for {len(self)} subjects")
         owner = np.searchsorted(self._starts, idx, side="right") - 1
         batches, order = [], [idx[:0]]
         for number, part in enumerate(self.parts):
-            mine = idx[owner == number]
-            if len(mine):
-                batches.append(part.collate((mine - self._starts[number]).tolist()))
-                order.append(mine)
-        if len(batches) <= 1:
-            batch = batches[0] if batches else self.parts[0].collate([])
+            positions = idx[owner == number]
+            if len(positions):
+                batches.append(part.collate((positions - self._starts[number]).tolist()))
+                order.append(positions)
+        if not batches:
+            batch = self.parts[0].collate([])
+        elif len(batches) == 1:
+            batch = batches[0]
         else:
-            max_sets = max(b["set_mask"].shape[1] for b in batches)
-            max_events = max(b["event_mask"].shape[2] for b in batches)
-            batch = {}
-            for key in batches[0]:
-                pad_value = PAD_CODE if key == "codes" else 0
-                padded = []
-                for b in batches:
-                    tensor = b[key]
-                    widths = [0, max_events - tensor.shape[2]] if tensor.dim() == 3 else []
-                    if tensor.dim() >= 2:
-                        widths += [0, max_sets - tensor.shape[1]]
-                    padded.append(torch.nn.functional.pad(tensor, widths, value=pad_value) if widths else tensor)
-                batch[key] = torch.cat(padded)
+            max_sets = max(part_batch["set_mask"].shape[1] for part_batch in batches)
+            max_events = max(part_batch["event_mask"].shape[2] for part_batch in batches)
+            batch = {
+                key: torch.cat([pad_batch_tensor(part_batch[key], key, max_sets, max_events) for part_batch in batches])
+                for key in batches[0]
+            }
         batch["index"] = torch.from_numpy(np.concatenate(order))
         return batch
+
+
+def pad_batch_tensor(tensor: torch.Tensor, key: str, max_sets: int, max_events: int) -> torch.Tensor:
+    """Pad a packed [B], [B, S] or [B, S, N] tensor to S = max_sets and N = max_events."""
+    if tensor.dim() == 1:
+        return tensor
+    widths = [0, max_sets - tensor.shape[1]]
+    if tensor.dim() == 3:
+        widths = [0, max_events - tensor.shape[2]] + widths
+    return torch.nn.functional.pad(tensor, widths, value=PAD_CODE if key == "codes" else 0)
 
 
 def make_loader(
@@ -230,7 +236,7 @@ class SetSequenceDataModule(pl.LightningDataModule):
             if len(split) == 1:
                 return self.dataset(split[0])
             if self.task is not None:
-                raise ValueError(f"finetuning reads one train split, got {', '.join(split)}")
+                raise ValueError(f"invalid train_split for finetuning: expected one split, got {', '.join(split)}")
             return ConcatSetDataset([self.dataset(name) for name in split])
         cache = SplitCache(self.cache_dir, split, task=self.task)
         return SetSequenceDataset(cache, self.max_sets, labelled=self.task is not None)

@@ -108,7 +108,7 @@ class PretrainModule(pl.LightningModule):
         if self.train_config.lr_schedule == "constant":
             return optimizer
         # Stepped once per optimiser step. Lightning restores the step count on resume, and the curve
-        # follows this run's length; unlike CosineAnnealingLR, the factor stays at 0 past the end.
+        # follows this run's length. Unlike CosineAnnealingLR, the factor stays at 0 past the end.
         total = max(1, int(self.trainer.estimated_stepping_batches))
 
         def factor(step: int) -> float:

@@ -95,7 +95,7 @@ def test_padding_and_set_times(built):
     assert not bool(batch["event_mask"][~set_mask].any())
 
 
-def test_joint_splits_pack_each_subject_as_its_own_split(built):
+def test_joint_splits_pack_like_one_split(built):
     config, _, cache_dir, _ = built
     module = SetSequenceDataModule(cache_dir, config.max_sets, batch_size=4, train_split=("train", "tuning"))
     joint = module.dataset(module.train_split)
@@ -122,7 +122,8 @@ def test_joint_splits_pack_each_subject_as_its_own_split(built):
 
     # An empty shard of a batch, as the sharded samplers can yield.
     empty = joint.collate([])
-    assert empty["codes"].shape[0] == 0 and empty["index"].tolist() == []
+    assert empty["codes"].shape[0] == 0
+    assert empty["index"].tolist() == []
 
 
 @pytest.mark.parametrize("value", ["held_out", "train,held_out", "train,train", "tuning", "", None, ["train"]])
