@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import ray
+from ray._private import ray_constants
 
 logger = logging.getLogger(__name__)
 
@@ -18,9 +21,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     Does nothing when Ray is already initialised in this process, for example
     inside a Ray job, where `address` is taken from the job's environment.
 
-    NOTE: Ray 2.60 replaces 127.0.0.1 by the machine's network address, so the
-    GCS, raylet and agents of a local instance also listen on the network,
-    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before Ray was imported.
+    A local instance keeps every Ray process on 127.0.0.1; see `_loopback_only`.
     """
     if ray.is_initialized():
         return
@@ -33,6 +34,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(logging_level=logging.WARNING)
         return
     logger.info("Starting a local Ray instance on %s", LOCAL_HOST)
+    with _loopback_only():
+        _start_local(num_cpus)
+
+
+def _start_local(num_cpus: int | None) -> None:
     ray.init(
         # "local" starts a new instance even when `ray start` left a cluster running on this machine.
         address="local",
@@ -44,6 +50,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Keep the processes of a Ray instance started inside this block on 127.0.0.1.
+
+    NOTE: Ray 2.60 replaces 127.0.0.1 by the machine's network address when it
+    starts a node (services.resolve_ip_for_localhost), so the GCS, raylet,
+    agents and workers would listen on the network. It keeps the loopback
+    address where clusters are disabled: ray_constants.ENABLE_RAY_CLUSTER,
+    read once from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when Ray is imported.
+    The driver needs the constant; the processes Ray spawns read the variable.
+    Both are restored afterwards, so a later `ray.init(address=...)` in this
+    process joins a cluster as before. The processes keep the environment they
+    started with.
+    """
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_variable = os.environ.get(name)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_variable is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_variable
 
 
 def ddp_backend(use_gpu: bool) -> str:
