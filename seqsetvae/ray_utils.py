@@ -21,7 +21,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     Does nothing when Ray is already initialised in this process, for example
     inside a Ray job, where `address` is taken from the job's environment.
 
-    A local instance keeps every Ray process on 127.0.0.1; see `_loopback_only`.
+    Every process of a local instance listens on 127.0.0.1 (see `_loopback_only`).
     """
     if ray.is_initialized():
         return
@@ -35,36 +35,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     logger.info("Starting a local Ray instance on %s", LOCAL_HOST)
     with _loopback_only():
-        _start_local(num_cpus)
-
-
-def _start_local(num_cpus: int | None) -> None:
-    ray.init(
-        # "local" starts a new instance even when `ray start` left a cluster running on this machine.
-        address="local",
-        num_cpus=num_cpus,
-        # The dashboard serves Ray's state API, which Ray Train uses to watch its controller.
-        include_dashboard=True,
-        dashboard_host=LOCAL_HOST,
-        _node_ip_address=LOCAL_HOST,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+        ray.init(
+            # "local" starts a new instance even when `ray start` left a cluster running on this machine.
+            address="local",
+            num_cpus=num_cpus,
+            # The dashboard serves Ray's state API, which Ray Train uses to watch its controller.
+            include_dashboard=True,
+            dashboard_host=LOCAL_HOST,
+            _node_ip_address=LOCAL_HOST,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
 
 
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
-    """Keep the processes of a Ray instance started inside this block on 127.0.0.1.
+    """Switch Ray to its single-machine mode, so a node started in this block listens on 127.0.0.1 only.
 
-    NOTE: Ray 2.60 replaces 127.0.0.1 by the machine's network address when it
-    starts a node (services.resolve_ip_for_localhost), so the GCS, raylet,
-    agents and workers would listen on the network. It keeps the loopback
-    address where clusters are disabled: ray_constants.ENABLE_RAY_CLUSTER,
-    read once from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when Ray is imported.
-    The driver needs the constant; the processes Ray spawns read the variable.
-    Both are restored afterwards, so a later `ray.init(address=...)` in this
-    process joins a cluster as before. The processes keep the environment they
-    started with.
+    NOTE: Ray 2.60 replaces 127.0.0.1 by the machine's network address
+    (services.resolve_ip_for_localhost) unless ray_constants.ENABLE_RAY_CLUSTER
+    is false. The driver reads that constant, and the processes Ray spawns read
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when they import Ray, so both are set here
+    and restored on exit. A later `ray.init(address=...)` then joins a cluster as before.
     """
     name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     saved_variable = os.environ.get(name)
