@@ -64,6 +64,7 @@ class ModelConfig:
         n_heads: Attention heads in set blocks and in the transformer.
         n_set_layers: Induced set attention blocks in the set encoder.
         n_seq_layers: Causal transformer layers over the set sequence.
+        seq_width: Width of the causal transformer; 0 uses d_model. Set summaries are projected to it.
         dropout: Dropout probability in the transformer.
         logvar_min: Lower clamp of every log-variance.
         logvar_max: Upper clamp of every log-variance.
@@ -83,6 +84,11 @@ class ModelConfig:
     n_heads: int = option(4, "number of attention heads")
     n_set_layers: int = option(2, "number of induced set attention blocks in the set encoder")
     n_seq_layers: int = option(2, "number of causal transformer layers over the sequence of sets")
+    seq_width: int = option(
+        0,
+        "width of the causal transformer over the sequence of sets, which carries the history of a stay; "
+        "0 uses d_model",
+    )
     dropout: float = option(0.1, "dropout probability in the transformer")
     logvar_min: float = option(-10.0, "lower clamp of log-variances")
     logvar_max: float = option(10.0, "upper clamp of log-variances")
@@ -106,8 +112,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "d_model", "latent_dim", "n_inducing", "n_heads", "n_set_layers", "n_seq_layers")
-        if self.d_model % self.n_heads:
-            raise UserInputError(f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
+        for name in ("d_model", "seq_width"):
+            if getattr(self, name) % self.n_heads:
+                raise UserInputError(f"{name}: expected a multiple of n_heads={self.n_heads}, got {getattr(self, name)}")
+        if self.seq_width < 0:
+            raise UserInputError(f"seq_width: expected 0 (use d_model) or a positive width, got {self.seq_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserInputError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if self.history_thresholds < 0:

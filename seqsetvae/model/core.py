@@ -1,7 +1,8 @@
 """The sequence-of-sets VAE: set encoder, causal prior over set latents, and set decoder.
 
-Dimension legend (the letters of seqsetvae.batch, plus M and E):
+Dimension legend (the letters of seqsetvae.batch, plus M, E and W):
     B subjects, S sets per subject, N events per set, D model width, Z latent width,
+    W width of the causal transformer (`seq_width`, D by default),
     V vocabulary size, H attention heads, M valid sets of a batch (M <= B*S),
     E real events of those M sets.
 
@@ -149,19 +150,25 @@ class CausalPrior(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.start_token = nn.Parameter(torch.randn(1, 1, config.d_model) * 0.02)  # [1, 1, D]
-        self.time_encoding = TimeEncoding(config.d_model)
+        width = config.seq_width or config.d_model
+        # A narrower or wider transformer reads the set summaries through a linear map.
+        self.project = nn.Identity() if width == config.d_model else nn.Linear(config.d_model, width)
+        self.start_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)  # [1, 1, W]
+        self.time_encoding = TimeEncoding(width)
         self.time_bias = TimeGapBias(config.n_heads)
         self.layers = nn.ModuleList(
-            CausalTransformerLayer(config.d_model, config.n_heads, config.dropout) for _ in range(config.n_seq_layers)
+            CausalTransformerLayer(width, config.n_heads, config.dropout) for _ in range(config.n_seq_layers)
         )
-        self.norm = nn.LayerNorm(config.d_model)
-        self.head = GaussianHead(config.d_model, config.latent_dim, config.logvar_min, config.logvar_max)
+        self.norm = nn.LayerNorm(width)
+        self.head = GaussianHead(width, config.latent_dim, config.logvar_min, config.logvar_max)
 
     def forward(self, summary: Tensor, set_times: Tensor, set_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Map set summaries [B, S, D], times [B, S] in hours and `set_mask` [B, S] to prior (mu, logvar) [B, S, Z]."""
-        start = self.start_token.expand(summary.shape[0], -1, -1)  # [B, 1, D]
-        x = torch.cat([start, summary[:, :-1]], dim=1) + self.time_encoding(set_times)  # [B, S, D]
+        """Map set summaries [B, S, D], times [B, S] in hours and `set_mask` [B, S] to prior (mu, logvar) [B, S, Z].
+
+        The transformer runs at width W, `seq_width` or else D.
+        """
+        start = self.start_token.expand(summary.shape[0], -1, -1)  # [B, 1, W]
+        x = torch.cat([start, self.project(summary[:, :-1])], dim=1) + self.time_encoding(set_times)  # [B, S, W]
         attn_mask = self.time_bias(set_times, set_mask)  # [B, H, S, S]
         for layer in self.layers:
             x = layer(x, attn_mask)
