@@ -202,6 +202,38 @@ def test_prior_depends_on_history():
     assert not torch.allclose(prior[:, 1], expected[:, 1], atol=1e-4)
 
 
+WIDE_PRIOR = ModelConfig(
+    d_model=16, latent_dim=4, n_inducing=3, n_heads=2, n_set_layers=2, n_seq_layers=2, seq_width=24, dropout=0.0
+)
+
+
+@pytest.mark.parametrize("key", ["post_mu", "prior_mu"])
+def test_wide_prior_is_causal(key):
+    model, batch = make_model(WIDE_PRIOR), make_batch([5, 5])
+    with torch.no_grad():
+        expected = model.encode(batch)[key]
+        changed = model.encode(change_sets_from(batch, first=2, seed=4))[key]
+    assert torch.allclose(changed[:, :2], expected[:, :2], atol=1e-6)
+    assert not torch.allclose(changed[:, 2], expected[:, 2], atol=1e-4)
+
+
+def test_wide_prior_widths():
+    model = make_model(WIDE_PRIOR)
+    assert model.prior.project.weight.shape == (24, 16)
+    assert model.prior.start_token.shape == (1, 1, 24)
+    assert model.prior.head.linear.in_features == 24
+    outputs = model(make_batch([5, 2]), beta=0.5, free_bits=0.0)
+    assert_all_finite({key: value for key, value in outputs.items() if value.is_floating_point()})
+    assert model.features(make_batch([5, 2])).shape == (2, 2 * WIDE_PRIOR.latent_dim)
+
+
+def test_default_prior_width_keeps_state_dict_keys():
+    # Checkpoints written before seq_width existed load into the default model.
+    keys = set(make_model().state_dict())
+    assert not any(key.startswith("prior.project") for key in keys)
+    assert make_model(ModelConfig(**{**CONFIG.__dict__, "seq_width": CONFIG.d_model})).state_dict().keys() == keys
+
+
 def assert_all_finite(outputs: dict) -> None:
     for key, tensor in outputs.items():
         assert torch.isfinite(tensor).all(), f"{key} is not finite"
@@ -572,6 +604,30 @@ def test_encoder_loads_without_thresholds_key():
     [({"history_thresholds": -1}, "expected a value >= 0"), ({"history_thresholds": 3, "history_weight": 0.0}, "needs the history decoder")],
 )
 def test_invalid_history_thresholds_rejected(overrides, message):
+    from seqsetvae.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=message):
+        ModelConfig(**overrides)
+
+
+def test_wide_prior_encoder_round_trip():
+    from seqsetvae.encoder import build_encoder
+
+    model = make_model(WIDE_PRIOR, seed=1)
+    encoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(SeqSetVAE.encoder_state_prefixes)}
+    assert "prior.project.weight" in encoder_state
+    preprocessing = {"codes": [f"code{i}" for i in range(VOCAB - 2)]}
+    loaded = build_encoder(dict(WIDE_PRIOR.__dict__), preprocessing, encoder_state, "model.safetensors")
+    batch = make_batch([3, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.features(batch), model.features(batch))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"seq_width": -4}, "seq_width: expected 0"), ({"seq_width": 30, "n_heads": 4}, "seq_width: expected a multiple")],
+)
+def test_invalid_seq_width_rejected(overrides, message):
     from seqsetvae.errors import UserInputError
 
     with pytest.raises(UserInputError, match=message):
