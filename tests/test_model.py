@@ -601,9 +601,14 @@ def test_encoder_loads_without_thresholds_key():
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"history_thresholds": -1}, "expected a value >= 0"), ({"history_thresholds": 3, "history_weight": 0.0}, "needs the history decoder")],
+    [
+        ({"history_thresholds": -1}, "expected a value >= 0"),
+        ({"history_thresholds": 3, "history_weight": 0.0}, "needs the history decoder"),
+        ({"seq_width": -4}, "seq_width: expected 0"),
+        ({"seq_width": 30, "n_heads": 4}, "seq_width: expected a multiple"),
+    ],
 )
-def test_invalid_history_thresholds_rejected(overrides, message):
+def test_invalid_model_config_rejected(overrides, message):
     from seqsetvae.errors import UserInputError
 
     with pytest.raises(UserInputError, match=message):
@@ -621,14 +626,3 @@ def test_wide_prior_encoder_round_trip():
     batch = make_batch([3, 5])
     with torch.no_grad():
         torch.testing.assert_close(loaded.features(batch), model.features(batch))
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [({"seq_width": -4}, "seq_width: expected 0"), ({"seq_width": 30, "n_heads": 4}, "seq_width: expected a multiple")],
-)
-def test_invalid_seq_width_rejected(overrides, message):
-    from seqsetvae.errors import UserInputError
-
-    with pytest.raises(UserInputError, match=message):
-        ModelConfig(**overrides)
