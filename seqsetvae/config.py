@@ -58,7 +58,7 @@ class ModelConfig:
     """Widths and depths of the sequence-of-sets VAE.
 
     Attributes:
-        d_model: Width D of event embeddings, set blocks and the transformer.
+        d_model: Width D of event embeddings, set blocks and, unless seq_width is set, the transformer.
         latent_dim: Width Z of each set latent; features are 2 * Z wide.
         n_inducing: Inducing points per induced set attention block.
         n_heads: Attention heads in set blocks and in the transformer.
