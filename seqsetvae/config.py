@@ -64,7 +64,7 @@ class ModelConfig:
         n_heads: Attention heads in set blocks and in the transformer.
         n_set_layers: Induced set attention blocks in the set encoder.
         n_seq_layers: Causal transformer layers over the set sequence.
-        seq_width: Width of the causal transformer; 0 uses d_model. Set summaries are projected to it.
+        seq_width: Width of the causal transformer, or 0 for d_model. Set summaries are projected to it.
         dropout: Dropout probability in the transformer.
         logvar_min: Lower clamp of every log-variance.
         logvar_max: Upper clamp of every log-variance.
