@@ -86,8 +86,8 @@ class ModelConfig:
     n_seq_layers: int = option(2, "number of causal transformer layers over the sequence of sets")
     seq_width: int = option(
         0,
-        "width of the causal transformer over the sequence of sets, which carries the history of a stay; "
-        "0 uses d_model",
+        "width of the causal transformer over the sequence of sets, which carries the history of a stay, "
+        "or 0 for d_model",
     )
     dropout: float = option(0.1, "dropout probability in the transformer")
     logvar_min: float = option(-10.0, "lower clamp of log-variances")
@@ -112,11 +112,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "d_model", "latent_dim", "n_inducing", "n_heads", "n_set_layers", "n_seq_layers")
-        for name in ("d_model", "seq_width"):
-            if getattr(self, name) % self.n_heads:
-                raise UserInputError(f"{name}: expected a multiple of n_heads={self.n_heads}, got {getattr(self, name)}")
         if self.seq_width < 0:
-            raise UserInputError(f"seq_width: expected 0 (use d_model) or a positive width, got {self.seq_width}")
+            raise UserInputError(
+                f"seq_width: invalid width {self.seq_width}. Set 0 to use d_model, or a positive multiple of n_heads"
+            )
+        for name in ("d_model", "seq_width"):
+            width = getattr(self, name)
+            if width % self.n_heads:
+                raise UserInputError(f"{name}: expected a multiple of n_heads={self.n_heads}, got {width}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserInputError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if self.history_thresholds < 0:

@@ -218,20 +218,33 @@ def test_wide_prior_is_causal(key):
 
 
 def test_wide_prior_widths():
-    model = make_model(WIDE_PRIOR)
+    model, batch = make_model(WIDE_PRIOR), make_batch([5, 2])
     assert model.prior.project.weight.shape == (24, 16)
     assert model.prior.start_token.shape == (1, 1, 24)
     assert model.prior.head.linear.in_features == 24
-    outputs = model(make_batch([5, 2]), beta=0.5, free_bits=0.0)
+    outputs = model(batch, beta=0.5, free_bits=0.0)
     assert_all_finite({key: value for key, value in outputs.items() if value.is_floating_point()})
-    assert model.features(make_batch([5, 2])).shape == (2, 2 * WIDE_PRIOR.latent_dim)
+    assert model.features(batch).shape == (2, 2 * WIDE_PRIOR.latent_dim)
 
 
-def test_default_prior_width_keeps_state_dict_keys():
+def test_default_width_keeps_state_keys():
     # Checkpoints written before seq_width existed load into the default model.
     keys = set(make_model().state_dict())
     assert not any(key.startswith("prior.project") for key in keys)
     assert make_model(ModelConfig(**{**CONFIG.__dict__, "seq_width": CONFIG.d_model})).state_dict().keys() == keys
+
+
+def test_wide_prior_encoder_round_trip():
+    from seqsetvae.encoder import build_encoder
+
+    model = make_model(WIDE_PRIOR, seed=1)
+    encoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(SeqSetVAE.encoder_state_prefixes)}
+    assert "prior.project.weight" in encoder_state
+    preprocessing = {"codes": [f"code{i}" for i in range(VOCAB - 2)]}
+    loaded = build_encoder(dict(WIDE_PRIOR.__dict__), preprocessing, encoder_state, "model.safetensors")
+    batch = make_batch([3, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.features(batch), model.features(batch))
 
 
 def assert_all_finite(outputs: dict) -> None:
@@ -604,7 +617,7 @@ def test_encoder_loads_without_thresholds_key():
     [
         ({"history_thresholds": -1}, "expected a value >= 0"),
         ({"history_thresholds": 3, "history_weight": 0.0}, "needs the history decoder"),
-        ({"seq_width": -4}, "seq_width: expected 0"),
+        ({"seq_width": -4}, "seq_width: invalid width -4"),
         ({"seq_width": 30, "n_heads": 4}, "seq_width: expected a multiple"),
     ],
 )
@@ -613,16 +626,3 @@ def test_invalid_model_config_rejected(overrides, message):
 
     with pytest.raises(UserInputError, match=message):
         ModelConfig(**overrides)
-
-
-def test_wide_prior_encoder_round_trip():
-    from seqsetvae.encoder import build_encoder
-
-    model = make_model(WIDE_PRIOR, seed=1)
-    encoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(SeqSetVAE.encoder_state_prefixes)}
-    assert "prior.project.weight" in encoder_state
-    preprocessing = {"codes": [f"code{i}" for i in range(VOCAB - 2)]}
-    loaded = build_encoder(dict(WIDE_PRIOR.__dict__), preprocessing, encoder_state, "model.safetensors")
-    batch = make_batch([3, 5])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.features(batch), model.features(batch))

@@ -151,7 +151,7 @@ class CausalPrior(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         width = config.seq_width or config.d_model
-        # A narrower or wider transformer reads the set summaries through a linear map.
+        # At a width other than D, a linear layer maps each set summary to the transformer's width.
         self.project = nn.Identity() if width == config.d_model else nn.Linear(config.d_model, width)
         self.start_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)  # [1, 1, W]
         self.time_encoding = TimeEncoding(width)
@@ -165,7 +165,7 @@ class CausalPrior(nn.Module):
     def forward(self, summary: Tensor, set_times: Tensor, set_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Map set summaries [B, S, D], times [B, S] in hours and `set_mask` [B, S] to prior (mu, logvar) [B, S, Z].
 
-        The transformer runs at width W, `seq_width` or else D.
+        The transformer runs at width W: `seq_width`, or D when that is 0.
         """
         start = self.start_token.expand(summary.shape[0], -1, -1)  # [B, 1, W]
         x = torch.cat([start, self.project(summary[:, :-1])], dim=1) + self.time_encoding(set_times)  # [B, S, W]
