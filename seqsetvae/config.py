@@ -175,6 +175,9 @@ class PretrainConfig:
         lr_schedule: `constant` keeps `lr` throughout. `cosine` decays it to 0 along a half
             cosine over every optimiser step of the run, so the encoder at the last epoch has
             settled instead of still moving at the full rate.
+        group_by_length: Off, a batch contains random stays and is padded to the longest of them. On,
+            the stays of each window of 50 batches are sorted by number of sets before they are cut
+            into batches, and the batches run in random order (seqsetvae.sampling.LengthGroupedSampler).
     """
 
     max_epochs: int = option(8, "number of pretraining epochs")
@@ -204,6 +207,11 @@ class PretrainConfig:
     precision: str = option("32-true", f"Lightning precision, one of {', '.join(PRECISIONS)}; 16-bit float needs --use-gpu")
     run_name: str = option("pretrain", "Ray Train run name; running again with the same name resumes it")
     dataloader_workers: int = option(0, "DataLoader worker processes per Ray worker")
+    group_by_length: bool = option(
+        False,
+        "draw each training batch from stays of similar length, in random batch order, so batches carry less "
+        "padding",
+    )
     compile: bool = option(
         False, "compile the model with torch.compile (dynamic shapes) before training; the first steps are slower"
     )

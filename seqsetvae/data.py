@@ -9,6 +9,7 @@ over sets or events.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from seqsetvae.batch import PAD_CODE
 from seqsetvae.cache import SplitCache
-from seqsetvae.sampling import ShardedBatchSampler
+from seqsetvae.sampling import LengthGroupedSampler, ShardedBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,21 @@ def make_loader(
     )
 
 
+def length_sorted_batches(
+    dataset: SetSequenceDataset, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Yield (positions, batch) over every sample once, shortest stays first, for inference.
+
+    A batch is padded to its longest stay, so batches of stays of similar length
+    carry little padding. `positions` [B] are the samples' positions in the
+    dataset, where callers put each batch's outputs back.
+    """
+    order = np.argsort(dataset.sample_lengths(), kind="stable")
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        yield positions, dataset.collate(positions.tolist())
+
+
 class SetSequenceDataModule(pl.LightningDataModule):
     """Train and validation loaders over a tensor cache.
 
@@ -215,10 +231,13 @@ class SetSequenceDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        group_by_length: bool = False,
     ):
         """`pin_memory` puts batches in page-locked memory, which speeds up their copy to a GPU.
 
         `train_split` may name several splits, whose unlabelled subjects pretraining reads together.
+        `group_by_length` draws training batches of stays of similar length
+        (seqsetvae.sampling.LengthGroupedSampler), so that they carry less padding.
         """
         super().__init__()
         self.cache_dir = Path(cache_dir)
@@ -230,6 +249,7 @@ class SetSequenceDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.pin_memory = pin_memory
+        self.group_by_length = group_by_length
 
     def dataset(self, split: str | tuple[str, ...]) -> SetSequenceDataset | ConcatSetDataset:
         if not isinstance(split, str):
@@ -250,9 +270,12 @@ class SetSequenceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset(self.train_split)
         world_size, rank = self._world()
-        if world_size == 1:
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(dataset.sample_lengths(), self.batch_size, world_size, rank, self.seed)
+        elif world_size == 1:
             return make_loader(dataset, self.batch_size, True, self.num_workers, self.seed, self.pin_memory)
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from seqsetvae.cache import SplitCache
 from seqsetvae.checkpoint import load_weights_only, map_encoder_state, pretrained_hparams
 from seqsetvae.config import ModelConfig
-from seqsetvae.data import SetSequenceDataset, make_loader
+from seqsetvae.data import SetSequenceDataset, length_sorted_batches
 from seqsetvae.model.core import SeqSetVAE
 from seqsetvae.preprocess import Preprocessor
 
@@ -63,16 +64,15 @@ def compute_features(
     """
     model.eval()
     dataset = SetSequenceDataset(cache, max_sets, labelled=True)
-    loader = make_loader(dataset, batch_size, shuffle=False)
-    chunks = []
-    n_batches = len(loader)
-    for batch_index, batch in enumerate(loader):
-        chunks.append(model.features(batch).float().cpu().numpy())
+    features = np.zeros((len(dataset), 2 * model.config.latent_dim), dtype=np.float32)
+    n_batches = math.ceil(len(dataset) / batch_size)
+    for batch_index, (positions, batch) in enumerate(length_sorted_batches(dataset, batch_size)):
+        features[positions] = model.features(batch).float().cpu().numpy()
         if (batch_index + 1) % 20 == 0 or batch_index + 1 == n_batches:
             logger.info("Encoded %d/%d batches of split '%s'", batch_index + 1, n_batches, cache.path.name)
     labels = cache.labels
     return {
-        "features": np.concatenate(chunks).astype(np.float32),
+        "features": features,
         "label": labels["value"].astype(bool),
         "subject_id": np.asarray(cache.subject_ids)[labels["subject_pos"]].astype(np.int64),
         "prediction_time_us": labels["prediction_time_us"].astype(np.int64),

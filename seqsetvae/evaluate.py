@@ -14,7 +14,7 @@ import torch
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_average_precision
 
 from seqsetvae.cache import SplitCache, ensure_cache
-from seqsetvae.data import SetSequenceDataset, make_loader
+from seqsetvae.data import SetSequenceDataset, length_sorted_batches
 from seqsetvae.export import load_export
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,10 @@ def binary_metrics(probabilities: np.ndarray, labels: np.ndarray, threshold: flo
 def predict_split(model, cache: SplitCache, batch_size: int = 256) -> np.ndarray:
     """Return the predicted probability of every label of a cached split."""
     dataset = SetSequenceDataset(cache, model.data_config.max_sets, labelled=True)
-    probabilities = [torch.sigmoid(model.predict_logits(batch)).numpy() for batch in make_loader(dataset, batch_size, False)]
-    return np.concatenate(probabilities) if probabilities else np.zeros(0, dtype=np.float32)
+    probabilities = np.zeros(len(dataset), dtype=np.float32)
+    for positions, batch in length_sorted_batches(dataset, batch_size):
+        probabilities[positions] = torch.sigmoid(model.predict_logits(batch)).numpy()
+    return probabilities
 
 
 def evaluate(

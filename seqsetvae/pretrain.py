@@ -77,6 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         num_workers=train_config.dataloader_workers,
         seed=train_config.seed,
         pin_memory=train_config.use_gpu,
+        group_by_length=train_config.group_by_length,
     )
     # EpochHistory must run before RayTrainReportCallback saves the checkpoint it lives in.
     callbacks = [EpochHistory(), RayTrainReportCallback(), EpochProgress()]

@@ -126,6 +126,26 @@ def test_joint_splits_pack_like_one_split(built):
     assert empty["index"].tolist() == []
 
 
+def test_grouped_batches_cover_train_with_less_padding(built):
+    _, _, cache_dir, _ = built
+
+    def one_epoch(group_by_length: bool) -> list[dict]:
+        # max_sets 256 keeps whole stays, whose lengths vary.
+        module = SetSequenceDataModule(cache_dir, 256, batch_size=16, seed=0, group_by_length=group_by_length)
+        return list(module.train_dataloader())
+
+    grouped, shuffled = one_epoch(True), one_epoch(False)
+    n_train = len(SplitCache(cache_dir, "train").subject_ids)
+    for batches in (grouped, shuffled):
+        assert sorted(index for batch in batches for index in batch["index"].tolist()) == list(range(n_train))
+    assert [len(batch["index"]) for batch in grouped] == [len(batch["index"]) for batch in shuffled]
+    real_sets = sum(int(batch["set_mask"].sum()) for batch in grouped)
+    assert real_sets == sum(int(batch["set_mask"].sum()) for batch in shuffled)
+    padded_grouped = sum(batch["set_mask"].numel() for batch in grouped)
+    padded_shuffled = sum(batch["set_mask"].numel() for batch in shuffled)
+    assert padded_grouped < 0.8 * padded_shuffled, (padded_grouped, padded_shuffled, real_sets)
+
+
 @pytest.mark.parametrize("value", ["held_out", "train,held_out", "train,train", "tuning", "", None, ["train"]])
 def test_pretraining_never_reads_held_out(value):
     with pytest.raises(UserInputError, match="pretrain_splits: expected train or train,tuning"):
