@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data_scale, profile_step, sweep_cost, throughput, workers
+from benchmarks import data_scale, length_grouping, profile_step, sweep_cost, throughput, workers
 from benchmarks.common import RESULTS_PATH, machine, update_results
+from seqsetvae.physionet import DEMO_DATA_DIR
 
-BENCHMARKS = ("throughput", "profile", "sweep_cost", "workers", "data_scale")
+BENCHMARKS = ("throughput", "profile", "length_grouping", "sweep_cost", "workers", "data_scale")
 REQUIRED_KEYS = (
     "vectorised_speedup",
     "vectorised_max_loss_diff",
@@ -41,6 +42,9 @@ def run(name: str, quick: bool, workdir: str | None) -> dict:
     if name == "profile":
         sizes = throughput.QUICK if quick else throughput.FULL
         return {"profile_current": profile_step.profile_steps(sizes, steps=3 if quick else 10)}
+    if name == "length_grouping":
+        figures = length_grouping.measure(DEMO_DATA_DIR, {}, 4 if quick else 12, workdir)
+        return {"length_grouping_demo": figures}
     if name == "sweep_cost":
         return sweep_cost.measure(sweep_cost.QUICK if quick else sweep_cost.FULL, workdir)
     if name == "workers":

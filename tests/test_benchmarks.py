@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import data_scale, sweep_cost, throughput, workers
+from benchmarks import data_scale, length_grouping, sweep_cost, throughput, workers
 from benchmarks.reference import reference_loss
 from seqsetvae.config import ModelConfig
 from seqsetvae.model.core import SeqSetVAE
+from seqsetvae.physionet import DEMO_DATA_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,3 +170,15 @@ def test_threshold_features_mark_deciles():
     # Each train row lies above as many deciles as there are below it.
     assert result["train"][:, 1:].sum(axis=1).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert result["held_out"][:, 1:].sum(axis=1).tolist() == [0, 9, 0]
+
+
+def test_length_grouping_benchmark_tiny(tmp_path):
+    options = {"max_sets": 32, "batch_size": 16, "d_model": 16, "latent_dim": 4, "n_inducing": 2, "n_heads": 2}
+    figures = length_grouping.measure(DEMO_DATA_DIR, options, 2, str(tmp_path))
+    padded = figures["padded_over_real_sets"]
+    assert 1.0 <= padded["grouped"] < padded["shuffled"]
+    assert figures["grouped"]["batches"] == figures["shuffled"]["batches"]
+    for order in ("shuffled", "grouped"):
+        assert figures[order]["sampled_batches"] == 2
+        assert figures[order]["cpu_seconds_per_step"] > 0
+
