@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=pretrain_config.batch_size,
         train_split=pretrain_config.train_splits(),
         seed=pretrain_config.seed,
+        group_by_length=pretrain_config.group_by_length,
     )
     probes = ProbeEveryEpochs(args.probe_every, caches, data_config.max_sets, pretrain_config.seed) if args.probe_every else None
     trainer = pl.Trainer(
