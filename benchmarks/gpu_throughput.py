@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import machine
 from benchmarks.throughput import build_cache
-from seqsetvae.config import ModelConfig, PretrainConfig
+from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataset, make_loader
 from seqsetvae.model.core import SeqSetVAE
 from seqsetvae.physionet import DEMO_DATA_DIR
@@ -102,7 +102,7 @@ def main() -> None:
         raise SystemExit("no CUDA device is visible; run on a GPU machine or pass --device cpu")
     results = {"machine": machine(), "device": str(device), "steps": args.steps, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="seqsetvae-gpu-") as directory:
-        cache, vocab_size = build_cache(DEMO_DATA_DIR, Path(directory) / "cache", max_sets=64)
+        cache, vocab_size = build_cache(DEMO_DATA_DIR, Path(directory) / "cache", DataConfig(max_sets=64))
         dataset = SetSequenceDataset(cache, 64, labelled=False)
         for batch_size in args.batch_sizes:
             for variant in args.variants:

@@ -87,7 +87,7 @@ def measure(meds_root: Path, values: dict, sample_batches: int, workdir: str | N
     model_config = from_dict(ModelConfig, values)
     config = from_dict(PretrainConfig, values)
     with tempfile.TemporaryDirectory(prefix="seqsetvae-grouping-", dir=workdir) as directory:
-        cache, vocab_size = build_cache(meds_root, Path(directory) / "cache", data_config.max_sets)
+        cache, vocab_size = build_cache(meds_root, Path(directory) / "cache", data_config)
         dataset = SetSequenceDataset(cache, data_config.max_sets, labelled=False)
         lengths = dataset.sample_lengths()
         result: dict = {"subjects": len(lengths), "real_sets": int(lengths.sum()), "batch_size": config.batch_size}
@@ -109,12 +109,21 @@ def measure(meds_root: Path, values: dict, sample_batches: int, workdir: str | N
     return result
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEMO_DATA_DIR, help="MEDS directory (default: the shipped demo data)")
     parser.add_argument("--config", help="YAML config of seqsetvae run whose data, model and pretraining options apply")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
-    parser.add_argument("--sample-batches", type=int, default=12, help="batches timed per batch order (default 12)")
+    parser.add_argument(
+        "--sample-batches", type=positive_int, default=12, help="batches timed per batch order (default 12)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--label", default="demo", help="name of this measurement in the results file")
     parser.add_argument("--workdir", help="directory for the temporary cache")

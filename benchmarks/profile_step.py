@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.common import machine, update_results
 from benchmarks.throughput import FULL, QUICK, Sizes, build_cache
-from seqsetvae.config import ModelConfig, PretrainConfig
+from seqsetvae.config import DataConfig, ModelConfig, PretrainConfig
 from seqsetvae.data import SetSequenceDataset, make_loader
 from seqsetvae.model import core
 from seqsetvae.model.core import SeqSetVAE
@@ -35,7 +35,7 @@ STAGES = ("load", "set_encoder", "prior", "decoder_and_loss", "backward", "optim
 def profile_steps(sizes: Sizes, steps: int, top: int = 15) -> dict:
     """Profile `steps` training steps and return the time share of each stage and the top operators."""
     with tempfile.TemporaryDirectory(prefix="seqsetvae-profile-") as directory:
-        cache, vocab_size = build_cache(DEMO_DATA_DIR, Path(directory) / "cache", sizes.max_sets)
+        cache, vocab_size = build_cache(DEMO_DATA_DIR, Path(directory) / "cache", DataConfig(max_sets=sizes.max_sets))
         dataset = SetSequenceDataset(cache, sizes.max_sets, labelled=False)
         torch.manual_seed(0)
         model = SeqSetVAE(ModelConfig(), vocab_size).train()
@@ -81,7 +81,7 @@ def compare_set_buckets(sizes: Sizes, bucket_counts: tuple[int, ...] = (1, 2, 4,
     largest set of the batch. The losses must not depend on the bucketing.
     """
     with tempfile.TemporaryDirectory(prefix="seqsetvae-buckets-") as directory:
-        cache, vocab_size = build_cache(DEMO_DATA_DIR, Path(directory) / "cache", sizes.max_sets)
+        cache, vocab_size = build_cache(DEMO_DATA_DIR, Path(directory) / "cache", DataConfig(max_sets=sizes.max_sets))
         dataset = SetSequenceDataset(cache, sizes.max_sets, labelled=False)
         batches = [dataset.collate(list(range(i * sizes.batch_size, (i + 1) * sizes.batch_size))) for i in range(n_batches)]
         torch.manual_seed(0)

@@ -56,9 +56,8 @@ QUICK = Sizes(batch_size=8, max_sets=16, reference_batches=1, steps=4, generated
 TINY = Sizes(batch_size=2, max_sets=4, reference_batches=1, steps=2, generated_subjects=(60,))
 
 
-def build_cache(meds_root: Path, cache_dir: Path, max_sets: int) -> tuple[SplitCache, int]:
+def build_cache(meds_root: Path, cache_dir: Path, config: DataConfig) -> tuple[SplitCache, int]:
     """Build the train split's cache and return it with the vocabulary size."""
-    config = DataConfig(max_sets=max_sets)
     preprocessor = fit_preprocessor(meds_root, config)
     ensure_cache(meds_root, cache_dir, config, preprocessor, splits=("train",))
     return SplitCache(cache_dir, "train"), preprocessor.vocab_size
@@ -164,7 +163,7 @@ def measure(sizes: Sizes, workdir: str | None = None) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="seqsetvae-throughput-", dir=workdir))
     try:
-        demo_cache, demo_vocab = build_cache(DEMO_DATA_DIR, root / "demo-cache", sizes.max_sets)
+        demo_cache, demo_vocab = build_cache(DEMO_DATA_DIR, root / "demo-cache", DataConfig(max_sets=sizes.max_sets))
         demo = SetSequenceDataset(demo_cache, sizes.max_sets, labelled=False)
         comparison = compare_with_reference(demo, demo_vocab, sizes)
         print(f"demo: vectorised {comparison['vectorised_cpu_seconds_per_batch']:.3f} CPU s/batch, reference "
@@ -175,7 +174,7 @@ def measure(sizes: Sizes, workdir: str | None = None) -> dict:
         generated_comparison = None
         for n_subjects in sizes.generated_subjects:
             generate(root / f"meds-{n_subjects}", n_subjects)
-            cache, vocab = build_cache(root / f"meds-{n_subjects}", root / f"cache-{n_subjects}", sizes.max_sets)
+            cache, vocab = build_cache(root / f"meds-{n_subjects}", root / f"cache-{n_subjects}", DataConfig(max_sets=sizes.max_sets))
             dataset = SetSequenceDataset(cache, sizes.max_sets, labelled=False)
             if generated_comparison is None:
                 generated_comparison = compare_with_reference(dataset, vocab, sizes)

@@ -192,18 +192,24 @@ def make_loader(
 
 
 def length_sorted_batches(
-    dataset: SetSequenceDataset, batch_size: int
+    dataset: SetSequenceDataset | ConcatSetDataset, batch_size: int
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """Yield (positions, batch) over every sample once, shortest stays first, for inference.
 
     A batch is padded to its longest stay, so batches of stays of similar length
-    carry little padding. `positions` [B] are the samples' positions in the
-    dataset, where callers put each batch's outputs back.
+    carry little padding. `positions` [B] are the dataset positions of the
+    batch's rows, in row order, where callers put each batch's outputs back.
+
+    Raises:
+        ValueError: batch_size is below 1.
     """
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
     order = np.argsort(dataset.sample_lengths(), kind="stable")
     for start in range(0, len(order), batch_size):
-        positions = order[start : start + batch_size]
-        yield positions, dataset.collate(positions.tolist())
+        batch = dataset.collate(order[start : start + batch_size].tolist())
+        # A collate may reorder rows (ConcatSetDataset groups them by split); `index` gives their order.
+        yield batch["index"].numpy(), batch
 
 
 class SetSequenceDataModule(pl.LightningDataModule):

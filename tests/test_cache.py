@@ -16,7 +16,7 @@ from seqsetvae.batch import PAD_CODE, UNK_CODE
 from seqsetvae.cache import SplitCache, ensure_cache, fit_preprocessor
 from seqsetvae.config import DataConfig
 from seqsetvae.config import PretrainConfig
-from seqsetvae.data import SetSequenceDataModule, SetSequenceDataset
+from seqsetvae.data import SetSequenceDataModule, SetSequenceDataset, length_sorted_batches
 from seqsetvae.errors import UserInputError
 from seqsetvae.meds_write import write_labels
 from seqsetvae.preprocess import Preprocessor
@@ -124,6 +124,27 @@ def test_joint_splits_pack_like_one_split(built):
     empty = joint.collate([])
     assert empty["codes"].shape[0] == 0
     assert empty["index"].tolist() == []
+
+
+@pytest.mark.parametrize("splits", [("tuning",), ("train", "tuning")])
+def test_length_sorted_batches_give_row_positions(built, splits):
+    _, _, cache_dir, _ = built
+    dataset = SetSequenceDataModule(cache_dir, 256, batch_size=16).dataset(splits)
+
+    def fingerprint(batch: dict) -> np.ndarray:
+        """Sets and summed set times of each row, which tell the stays apart."""
+        return np.stack([batch["set_mask"].sum(dim=1).numpy(), batch["set_times"].sum(dim=1).numpy()], axis=1)
+
+    expected = np.concatenate([fingerprint(dataset.collate([position])) for position in range(len(dataset))])
+    got = np.full_like(expected, np.nan)
+    batch_lengths = []
+    for positions, batch in length_sorted_batches(dataset, 16):
+        got[positions] = fingerprint(batch)
+        batch_lengths.append(int(batch["set_mask"].sum(dim=1).max()))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert batch_lengths == sorted(batch_lengths)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(length_sorted_batches(dataset, 0))
 
 
 def test_grouped_batches_cover_train_with_less_padding(built):
