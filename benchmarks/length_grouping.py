@@ -49,6 +49,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, grouped: bool, seed: int
 
 
 def padded_sets(batch: np.ndarray, lengths: np.ndarray) -> int:
+    """Return the number of sets in `batch` after padding to its longest stay."""
     return len(batch) * int(lengths[batch].max())
 
 
@@ -60,9 +61,13 @@ def quantile_sample(batches: list[np.ndarray], lengths: np.ndarray, count: int) 
 
 
 def step_seconds(
-    dataset: SetSequenceDataset, batches: list[np.ndarray], model_config: ModelConfig, config: PretrainConfig, vocab_size: int
+    dataset: SetSequenceDataset,
+    batches: list[np.ndarray],
+    model_config: ModelConfig,
+    config: PretrainConfig,
+    vocab_size: int,
 ) -> list[float]:
-    """CPU seconds of forward, backward and optimiser step on each batch, after one untimed step."""
+    """Return the CPU seconds of forward, backward and optimiser step on each batch, after one untimed step."""
     torch.manual_seed(config.seed)
     model = SeqSetVAE(model_config, vocab_size).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -105,20 +110,24 @@ def measure(meds_root: Path, values: dict, sample_batches: int, workdir: str | N
     result["padded_over_real_sets"] = {
         name: result[name]["padded_sets"] / result["real_sets"] for name in ("shuffled", "grouped")
     }
-    result["epoch_cpu_grouped_over_shuffled"] = result["grouped"]["epoch_cpu_seconds"] / result["shuffled"]["epoch_cpu_seconds"]
+    grouped_seconds, shuffled_seconds = result["grouped"]["epoch_cpu_seconds"], result["shuffled"]["epoch_cpu_seconds"]
+    result["epoch_cpu_grouped_over_shuffled"] = grouped_seconds / shuffled_seconds
     return result
 
 
 def positive_int(text: str) -> int:
+    """Parse a count of at least 1 for argparse."""
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive count, got {text}")
+        raise argparse.ArgumentTypeError(f"invalid count {text}: expected an integer of at least 1")
     return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEMO_DATA_DIR, help="MEDS directory (default: the shipped demo data)")
+    parser.add_argument(
+        "--data", type=Path, default=DEMO_DATA_DIR, help="MEDS directory (default: the shipped demo data)"
+    )
     parser.add_argument("--config", help="YAML config of seqsetvae run whose data, model and pretraining options apply")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
     parser.add_argument(

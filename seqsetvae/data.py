@@ -208,7 +208,7 @@ def length_sorted_batches(
     order = np.argsort(dataset.sample_lengths(), kind="stable")
     for start in range(0, len(order), batch_size):
         batch = dataset.collate(order[start : start + batch_size].tolist())
-        # A collate may reorder rows (ConcatSetDataset groups them by split); `index` gives their order.
+        # ConcatSetDataset.collate groups rows by split, so the row order comes from `index`.
         yield batch["index"].numpy(), batch
 
 

@@ -56,7 +56,7 @@ class LengthGroupedSampler(Sampler[int]):
     DistributedSampler does (the first few samples repeat so that every share
     has the same size), and cuts each share into windows of `window` batches.
     It sorts every window by length, cuts it into batches of `batch_size` and
-    shuffles the order of the full batches; the one short batch, if any, comes
+    shuffles the order of the full batches. The one short batch, if any, comes
     last. A DataLoader with the same `batch_size` then draws exactly these
     batches. Lightning calls `set_epoch` before every epoch.
     """

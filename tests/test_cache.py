@@ -127,12 +127,12 @@ def test_joint_splits_pack_like_one_split(built):
 
 
 @pytest.mark.parametrize("splits", [("tuning",), ("train", "tuning")])
-def test_length_sorted_batches_give_row_positions(built, splits):
+def test_sorted_batches_map_rows(built, splits):
     _, _, cache_dir, _ = built
     dataset = SetSequenceDataModule(cache_dir, 256, batch_size=16).dataset(splits)
 
     def fingerprint(batch: dict) -> np.ndarray:
-        """Sets and summed set times of each row, which tell the stays apart."""
+        """Return the set count and summed set times of each row, which tell the stays apart."""
         return np.stack([batch["set_mask"].sum(dim=1).numpy(), batch["set_times"].sum(dim=1).numpy()], axis=1)
 
     expected = np.concatenate([fingerprint(dataset.collate([position])) for position in range(len(dataset))])
@@ -147,7 +147,7 @@ def test_length_sorted_batches_give_row_positions(built, splits):
         next(length_sorted_batches(dataset, 0))
 
 
-def test_grouped_batches_cover_train_with_less_padding(built):
+def test_grouped_batches_pad_less(built):
     _, _, cache_dir, _ = built
 
     def one_epoch(group_by_length: bool) -> list[dict]:

@@ -12,7 +12,7 @@ from seqsetvae.sampling import LengthGroupedSampler
 
 
 def stay_lengths(n: int, seed: int = 0) -> np.ndarray:
-    """Set counts shaped like ICU stays: most near 70, a long tail up to 200."""
+    """Return set counts shaped like ICU stays: most near 70, a long tail up to 200."""
     return np.clip(np.random.default_rng(seed).gamma(4.0, 18.0, size=n).astype(int), 1, 200)
 
 
@@ -22,12 +22,12 @@ def loader_batches(sampler: LengthGroupedSampler, batch_size: int) -> list[list[
 
 
 def padded_sets(batches: list[list[int]], lengths: np.ndarray) -> int:
-    """Sets a model computes on when every batch is padded to its longest stay."""
+    """Return the number of sets a model computes on when every batch is padded to its longest stay."""
     return sum(len(batch) * int(lengths[batch].max()) for batch in batches)
 
 
 @pytest.mark.parametrize("n_samples, batch_size, world_size", [(70, 32, 1), (7, 3, 2), (1000, 16, 3), (2, 4, 3)])
-def test_ranks_share_every_sample_in_equal_steps(n_samples, batch_size, world_size):
+def test_ranks_cover_samples_equally(n_samples, batch_size, world_size):
     lengths = stay_lengths(n_samples)
     samplers = [LengthGroupedSampler(lengths, batch_size, world_size, rank, window=4) for rank in range(world_size)]
     orders = [list(sampler) for sampler in samplers]
@@ -46,7 +46,7 @@ def test_only_the_last_batch_is_short():
     assert [len(batch) for batch in batches] == [32] * 6 + [8]
 
 
-def test_batches_hold_similar_lengths():
+def test_batches_contain_similar_lengths():
     lengths = stay_lengths(6400)
     batch_size = 32
     grouped = loader_batches(LengthGroupedSampler(lengths, batch_size, seed=3), batch_size)
